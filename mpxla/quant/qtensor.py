@@ -1,0 +1,112 @@
+"""`QTensor`: an 8-bit tensor with its scales, as a pytree.
+
+    q = quantize(x, 'e4m3', '1x128')     # codes [*x.shape] + scales [..., ceil(n/128)]
+    y = dequantize(q)                    # x's shape and dtype, |y - x| within one rounding
+
+The codes keep x's shape (so they shard like x); the scales live on the
+granularity's grid. Format, granularity, shape and dtype are static metadata, so
+a QTensor passes through jit, vmap, shard_map and Orbax checkpoints as two arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpxla.formats import Format, cast, get_format, upcast
+from mpxla.quant.granularity import (
+    Granularity,
+    as_granularity,
+    expand_scales,
+    from_blocks,
+    scale_shape,
+    to_blocks,
+)
+from mpxla.quant.scaling import amax as compute_amax
+from mpxla.quant.scaling import scale_from_amax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """Codes (x's shape, the format's storage dtype) and float32 scales (block grid; () per tensor)."""
+
+  codes: jax.Array
+  scales: jax.Array
+  fmt: Format = dataclasses.field(metadata=dict(static=True))
+  granularity: Granularity = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+
+  def all_finite(self) -> jax.Array:
+    """False if any block held inf or NaN (its scale is NaN)."""
+    return jnp.all(jnp.isfinite(self.scales))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of codes and scales."""
+    return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * 4)
+
+
+def quantize(
+    x: jax.Array,
+    fmt: str | Format = "e4m3",
+    granularity: str | Granularity = "tensor",
+    *,
+    amax: jax.Array | None = None,
+    margin: float = 0.0,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    axis_name: str | Sequence[str] | None = None,
+) -> QTensor:
+  """Scales x per block and casts it to `fmt` (saturating).
+
+  Args:
+    x: floating-point array.
+    fmt: 'e4m3', 'e5m2', 'hif8' or a `Format`.
+    granularity: 'tensor', '1xG', 'BMxBN' or a granularity object.
+    amax: precomputed amax on the scale grid (delayed scaling, e.g.
+      `amax_from_history(h)`); blocks whose given amax is 0 (an empty history) use
+      their current amax. Values above the given amax saturate. None: current amax.
+    margin: headroom in powers of two (s = amax * 2^margin / fmt.scale_target).
+    rounding, key: as in `mpxla.formats.cast`.
+    axis_name: mesh axes to take the amax over inside shard_map (per-tensor only).
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"quantize needs a floating-point x, got dtype {x.dtype}; integers carry no "
+        "scale to quantize: convert with x.astype(jnp.float32) if that is meant."
+    )
+  fmt, g = get_format(fmt), as_granularity(granularity)
+  current = compute_amax(x, g, axis_name=axis_name)
+  if amax is None:
+    amax = current
+  else:
+    amax = jnp.asarray(amax, jnp.float32)
+    if amax.shape != current.shape:
+      raise ValueError(
+          f"amax has shape {amax.shape}, but {g} on x of shape {x.shape} needs "
+          f"the scale-grid shape {current.shape}."
+      )
+    amax = jnp.where(amax > 0, amax, current)
+  scales = scale_from_amax(amax, fmt, margin)
+  xb = to_blocks(x.astype(jnp.float32), g) / expand_scales(scales, x.shape, g)
+  codes = cast(from_blocks(xb, x), fmt, rounding=rounding, key=key, saturate=True)
+  return QTensor(codes, scales, fmt, g, tuple(x.shape), np.dtype(x.dtype))
+
+
+def dequantize(q: QTensor, dtype=None) -> jax.Array:
+  """codes * scales, as `dtype` (default: the original dtype)."""
+  values = to_blocks(upcast(q.codes, q.fmt, jnp.float32), q.granularity)
+  x = from_blocks(values * expand_scales(q.scales, q.shape, q.granularity), q.codes)
+  return x.astype(q.dtype if dtype is None else dtype)
+
+
+def scales_shape(shape: tuple[int, ...], granularity: str | Granularity) -> tuple[int, ...]:
+  """Shape of the scales `quantize` makes for an array of `shape`."""
+  return scale_shape(tuple(shape), as_granularity(granularity))
