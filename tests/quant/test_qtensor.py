@@ -29,12 +29,12 @@ def np_quantize(x, fmt, granularity, margin=0.0):
   fmt = formats.get_format(fmt)
   x = np.asarray(x, np.float32)
   block = np_blocks(x.shape, granularity)
-  grid = tuple(math.ceil(d / b) for d, b in zip(x.shape, block))
+  grid = tuple(math.ceil(d / b) for d, b in zip(x.shape, block, strict=True))
   per_tensor = isinstance(quant.as_granularity(granularity), quant.PerTensor)
   scales = np.zeros(grid, np.float32)
   deq = np.zeros(x.shape, np.float32)
   for idx in np.ndindex(*grid):
-    sl = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block))
+    sl = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block, strict=True))
     blk = x[sl]
     a = np.max(np.abs(blk))
     s = np.float32(a) * np.float32(2.0**margin / fmt.scale_target)
