@@ -1,0 +1,152 @@
+"""A Llama-style GPT in Flax Linen, built from stock layers.
+
+RMSNorm -> attention (rotary embeddings, grouped-query heads, causal & document mask)
+-> residual -> RMSNorm -> SwiGLU MLP (or an MoE layer) -> residual. Every matmul is a
+stock `nn.Dense`/`nn.DenseGeneral` and every norm a stock `nn.RMSNorm`, so
+`mpxla.nn.quantize` applies to the model unmodified.
+
+Shapes: B batch, T tokens, D model width, H heads, K kv heads, E head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  d_ff: int = 384
+  rope_theta: float = 10_000.0
+  dtype: str = "bfloat16"  # compute dtype; parameters stay float32
+  attention_impl: str = "auto"  # mpxla.attention impl ('auto', 'xla', ...), or 'dense_jax'
+  attention_block: int = 128
+  num_experts: int = 0  # > 0: MoE MLP in every `moe_every`-th layer
+  moe_top_k: int = 2
+  moe_every: int = 2
+  moe_d_ff: int = 0  # 0: d_ff
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.")
+
+
+def rotary(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention), computed in float32."""
+  half = x_BxTxHxE.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTx1xE2 = positions_BxT[:, :, None, None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BxTx1xE2), jnp.cos(angle_BxTx1xE2)
+  x1, x2 = jnp.split(x_BxTxHxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxE.dtype)
+
+
+def dense_attention(q, k, v, segment_ids_BxT):
+  """Causal + document attention through jax.nn.dot_product_attention (dense mask)."""
+  T = q.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+  same_doc_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  mask_Bx1xTxT = (causal_TxT & same_doc_BxTxT)[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT)
+
+
+class Attention(nn.Module):
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    c = self.config
+    E = c.d_model // c.n_heads
+    dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
+        (heads, E), use_bias=False, dtype=c.dtype, name=name)
+    q_BxTxHxE = rotary(dense(c.n_heads, "query")(x_BxTxD), positions_BxT, c.rope_theta)
+    k_BxTxKxE = rotary(dense(c.n_kv_heads, "key")(x_BxTxD), positions_BxT, c.rope_theta)
+    v_BxTxKxE = dense(c.n_kv_heads, "value")(x_BxTxD)
+    if c.attention_impl == "dense_jax":
+      rep = c.n_heads // c.n_kv_heads
+      out_BxTxHxE = dense_attention(q_BxTxHxE, jnp.repeat(k_BxTxKxE, rep, axis=2),
+                                    jnp.repeat(v_BxTxKxE, rep, axis=2), segment_ids_BxT)
+    else:
+      from mpxla import attention as mpxla_attention
+
+      mask = mpxla_attention.causal() & mpxla_attention.document(segment_ids_BxT)
+      out_BxTxHxE = mpxla_attention.attention(
+          q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask, impl=c.attention_impl,
+          block_q=c.attention_block, block_kv=c.attention_block)
+    return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
+                           name="out")(out_BxTxHxE)
+
+
+class SwiGLU(nn.Module):
+  d_ff: int
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    gate_BxTxF = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype, name="gate")(x_BxTxD)
+    up_BxTxF = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype, name="up")(x_BxTxD)
+    h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    return nn.Dense(x_BxTxD.shape[-1], use_bias=False, dtype=self.dtype, name="down")(h_BxTxF)
+
+
+class Block(nn.Module):
+  config: GPTConfig
+  moe: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    c = self.config
+    h = nn.RMSNorm(dtype=c.dtype, name="attn_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(c, name="attn")(h, positions_BxT, segment_ids_BxT)
+    h = nn.RMSNorm(dtype=c.dtype, name="mlp_norm")(x_BxTxD)
+    if self.moe:
+      from mpxla.nn.moe import MoE
+
+      mlp = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
+                dtype=c.dtype, name="moe")
+    else:
+      mlp = SwiGLU(c.d_ff, c.dtype, name="mlp")
+    return x_BxTxD + mlp(h)
+
+
+class GPT(nn.Module):
+  """tokens [B, T] (+ segment ids, positions) -> float32 logits [B, T, vocab]."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+    c = self.config
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones_like(tokens_BxT)
+    if positions_BxT is None:
+      positions_BxT = document_positions(segment_ids_BxT)
+    x_BxTxD = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens_BxT).astype(c.dtype)
+    for i in range(c.n_layers):
+      moe = c.num_experts > 0 and (i % c.moe_every == c.moe_every - 1)
+      x_BxTxD = Block(c, moe=moe, name=f"layer_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+    x_BxTxD = nn.RMSNorm(dtype=c.dtype, name="final_norm")(x_BxTxD)
+    logits_BxTxV = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, name="lm_head")(x_BxTxD)
+    return logits_BxTxV.astype(jnp.float32)
+
+
+def document_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Position of each token within its document (restarts where the segment id changes)."""
+  T = segment_ids_BxT.shape[1]
+  idx_BxT = jnp.broadcast_to(jnp.arange(T), segment_ids_BxT.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_idx_BxT = jax.lax.cummax(jnp.where(starts, idx_BxT, 0), axis=1)
+  return idx_BxT - start_idx_BxT

@@ -1,0 +1,1 @@
+"""The harness: configs, the trainer, checkpoints and monitoring (`python -m mpxla.train`)."""

@@ -1,0 +1,128 @@
+"""Watching a run: metrics.jsonl, TensorBoard events, a progress bar, memory and summary tables, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to workdir/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    self.enabled = enabled
+    self.path = workdir / "metrics.jsonl"
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
+        self._tb = None
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step` (a resumed run rewrites them, so the file has no duplicates)."""
+    if self.enabled and self.path.exists():
+      keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+      self.path.write_text("".join(ln + "\n" for ln in keep))
+
+  def write(self, step: int, **scalars: float) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict[str, float]]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+              file=sys.stderr, unit="step", mininterval=1.0)
+
+
+def tree_bytes(tree) -> tuple[int, int]:
+  """(total bytes, bytes on the first device) of a pytree of arrays."""
+  total = per_device = 0
+  dev = jax.devices()[0]
+  for x in jax.tree.leaves(tree):
+    total += x.size * x.dtype.itemsize
+    shards = getattr(x, "addressable_shards", None)
+    if shards is None:
+      per_device += x.size * x.dtype.itemsize
+    else:
+      per_device += sum(s.data.size * s.data.dtype.itemsize for s in shards if s.device == dev)
+  return total, per_device
+
+
+def memory_breakdown(state, compiled) -> dict[str, int]:
+  """Bytes per device: parameters, optimizer state, model state, and the compiled step's temps."""
+  ma = compiled.memory_analysis()
+  out = {
+      "params": tree_bytes(state["params"])[1],
+      "optimizer": tree_bytes(state["opt_state"])[1],
+      "model_state": tree_bytes(state["model_state"])[1],
+  }
+  if ma is not None:
+    out.update(step_arguments=int(ma.argument_size_in_bytes), step_outputs=int(ma.output_size_in_bytes),
+               step_temp=int(ma.temp_size_in_bytes), step_aliased=int(ma.alias_size_in_bytes))
+  return out
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  return str(n)
+
+
+def table(title: str, rows: dict[str, Any]) -> str:
+  width = max(len(k) for k in rows)
+  lines = [title] + [f"  {k.ljust(width)}  {v}" for k, v in rows.items()]
+  return "\n".join(lines)
+
+
+def plot_losses(workdir: pathlib.Path, records: list[dict[str, float]]) -> pathlib.Path | None:
+  """Training and validation loss against step, saved as workdir/loss.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+  if not train and not val:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  if train:
+    ax.plot(*np.array(train).T, label="train loss", lw=1)
+  if val:
+    ax.plot(*np.array(val).T, "o-", label="validation loss", lw=1.5)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = workdir / "loss.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -1,0 +1,60 @@
+"""Recipes: how a config's `recipe` field turns into a model wrapper and an optimizer.
+
+| recipe       | model                                   | optimizer states            |
+|--------------|-----------------------------------------|-----------------------------|
+| `bf16`       | BF16 compute, float32 master weights    | AdamW, float32 moments      |
+| `fp8_linear` | `mpxla.nn.quantize(model, 'fp8_linear')`| AdamW, float32 moments      |
+| `coat`       | `mpxla.nn.quantize(model, 'coat')`      | `adamw_fp8` (E4M3 + expansion) |
+| `hif8`       | `mpxla.nn.quantize(model, 'hif8')`      | `adamw_fp8` (E4M3 + expansion) |
+
+Embeddings and the output head stay in high precision (`HIGH_PRECISION_RULES`).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+RECIPES = ("bf16", "fp8_linear", "coat", "hif8")
+# Module paths kept in high precision by the FP8 recipes (COAT keeps them too).
+HIGH_PRECISION_PATHS = ("embed", "lm_head", "head")
+
+
+def schedule(optim) -> optax.Schedule:
+  """Linear warmup to `lr`, cosine decay to `lr * final_lr_fraction`."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, optim.lr, optim.warmup_steps, max(optim.decay_steps, optim.warmup_steps + 1),
+      end_value=optim.lr * optim.final_lr_fraction)
+
+
+def decay_mask(params):
+  """Weight decay on matrices only (not on norms' scales or biases)."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  recipe, o = config.recipe, config.optim
+  _check(recipe)
+  kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+  if recipe in ("coat", "hif8"):
+    from mpxla.optim import adamw_fp8
+
+    adam = adamw_fp8(schedule(o), **kwargs)
+  else:
+    adam = optax.adamw(schedule(o), **kwargs)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+
+
+def wrap_model(model, recipe: str):
+  """The model with the recipe's FP8 matmuls and activations (unchanged for bf16)."""
+  _check(recipe)
+  if recipe == "bf16":
+    return model
+  from mpxla import nn as mpxla_nn
+
+  return mpxla_nn.quantize(model, recipe, keep=HIGH_PRECISION_PATHS)
+
+
+def _check(recipe: str) -> None:
+  if recipe not in RECIPES:
+    raise ValueError(f"recipe={recipe!r}; use one of {RECIPES}.")

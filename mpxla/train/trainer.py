@@ -1,0 +1,272 @@
+"""The trainer: one loop for every config and recipe.
+
+    state = {'step', 'params', 'opt_state', 'model_state'}   (sharded over the mesh)
+    for step in range(start, total_steps):
+      batch = next(data)            # deterministic in (seed, step), this process's rows
+      state, metrics = train_step(state, batch)
+      log / evaluate / checkpoint / stop on SIGTERM or a non-finite loss
+
+Resume is exact: the data iterator's state is its step, the model has no dropout, and
+stochastic rounding keys are derived from (seed, step), so N steps in one go and N/2 +
+resume + N/2 give the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mpxla.data import BatchIterator, make_source
+from mpxla.train import checkpoint, monitor, recipes
+from mpxla.train.config import to_json
+from mpxla.train.tasks import make_task
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+class NonFiniteLoss(RuntimeError):
+  """The training loss became NaN or inf."""
+
+
+def make_mesh(mesh_config) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest)."""
+  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  n = jax.device_count()
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
+  if -1 in sizes:
+    rest = math.prod(s for s in sizes if s != -1)
+    if n % rest:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {n} devices.")
+    sizes[sizes.index(-1)] = n // rest
+  if math.prod(sizes) != n:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {n} are present; set the axes to multiply to {n} (or use -1).")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, (jax.sharding.AxisType.Auto,) * 3)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """Shard the largest axis divisible by the fsdp size (replicate small or indivisible leaves)."""
+  if fsdp == 1 or not shape or math.prod(shape) < 1024:
+    return P()
+  axes = sorted(range(len(shape)), key=lambda i: (-shape[i], i))
+  for i in axes:
+    if shape[i] % fsdp == 0:
+      return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
+  return P()
+
+
+class Trainer:
+  """Builds everything a run needs from its config; `run()` trains, `aot()` only compiles."""
+
+  def __init__(self, config, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.is_main = jax.process_index() == 0
+    self.mesh = make_mesh(config.mesh)
+    self.task = make_task(config)
+    self.task.model = recipes.wrap_model(self.task.model, config.recipe)
+    self.tx = recipes.make_optimizer(config)
+    self.batch_size = config.data.batch_size
+    self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self._compiled = None
+
+  # --- state -----------------------------------------------------------------------------
+
+  def _init_fn(self, key):
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.task.dummy_batch(self.batch_size))
+    variables = self.task.init(key, batch)
+    params = variables.pop("params")
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params), "model_state": dict(variables)}
+
+  @functools.cached_property
+  def state_shardings(self):
+    abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
+    fsdp = self.mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, fsdp)), abstract)
+
+  def init_state(self):
+    key = jax.random.key(self.config.seed)
+    return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key)
+
+  def abstract_state(self):
+    abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, self.state_shardings)
+
+  # --- steps -----------------------------------------------------------------------------
+
+  def _train_step(self, state, batch):
+    def loss_fn(params):
+      return self.task.loss(params, state["model_state"], batch, train=True)
+
+    (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "lr": recipes.schedule(self.config.optim)(state["step"])}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "model_state": model_state}
+    return new_state, metrics
+
+  def compile_train_step(self):
+    if self._compiled is None:
+      batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._batch_sharding),
+                           self.task.dummy_batch(self.batch_size))
+      step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self._batch_sharding),
+                     out_shardings=(self.state_shardings, None), donate_argnums=0)
+      self._compiled = step.lower(self.abstract_state(), batch).compile()
+    return self._compiled
+
+  @functools.cached_property
+  def _eval_step(self):
+    def step(state, batch):
+      _, (metrics, _) = self.task.loss(state["params"], state["model_state"], batch, train=False)
+      return {k: v for k, v in metrics.items() if k in ("loss_sum", "weight", "correct")}
+
+    return jax.jit(step, in_shardings=(self.state_shardings, self._batch_sharding))
+
+  # --- data ------------------------------------------------------------------------------
+
+  def _iterator(self, split: str, shuffle: bool, num_batches=None) -> BatchIterator:
+    source = make_source(self.config.data, split)
+    return BatchIterator(source, self.batch_size, seed=self.config.seed, shuffle=shuffle,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         num_batches=num_batches)
+
+  def _global(self, local_batch: dict[str, np.ndarray]):
+    return {k: jax.make_array_from_process_local_data(self._batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  def evaluate(self, state) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in self._iterator("validation", shuffle=False, num_batches=self.config.eval_batches):
+      for k, v in self._eval_step(state, self._global(batch)).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    out = {"val_loss": totals["loss_sum"] / max(totals["weight"], 1.0)}
+    if "correct" in totals:
+      out["val_accuracy"] = totals["correct"] / max(totals["weight"], 1.0)
+    return out
+
+  # --- the run ---------------------------------------------------------------------------
+
+  def aot(self) -> dict[str, int]:
+    """Compiles the train step without running it; returns the per-device memory breakdown."""
+    compiled = self.compile_train_step()
+    return monitor.memory_breakdown(self.abstract_state(), compiled)
+
+  def run(self) -> dict[str, Any]:
+    c = self.config
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads(to_json(c))
+    checkpoint.check_compatible(self.workdir, config_dict)
+    if self.is_main:
+      (self.workdir / "config.json").write_text(to_json(c))
+    ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", c.keep_checkpoints)
+    data = self._iterator("train", shuffle=True)
+    start = ckpt.latest_step()
+    if start is None:
+      state, start = self.init_state(), 0
+    else:
+      state, data_state = ckpt.restore(start, self.abstract_state())
+      data.set_state(data_state)
+      self._log(f"resumed from step {start} in {self.workdir}")
+    writer = monitor.MetricsWriter(self.workdir, enabled=self.is_main)
+    writer.truncate_after(start)
+    compiled = self.compile_train_step()
+    if start == 0 or c.get("print_memory_on_resume", False):
+      mem = monitor.memory_breakdown(state, compiled)
+      self._log(monitor.table("memory per device:", {k: monitor.format_bytes(v) for k, v in mem.items()}))
+
+    stop = {"signal": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    bar = monitor.progress_bar(c.total_steps, start, self.is_main and c.get("progress", True))
+    t_start, t_window, tokens_window, steps_window = time.time(), time.time(), 0.0, 0
+    history = []
+    try:
+      for step in range(start, c.total_steps):
+        batch = self._global(next(data))
+        state, metrics = compiled(state, batch)
+        metrics = jax.device_get(metrics)
+        if not math.isfinite(float(metrics["loss"])):
+          raise NonFiniteLoss(
+              f"loss is {float(metrics['loss'])} at step {step + 1}; stopping. The last good "
+              f"checkpoint is step {ckpt.latest_step()} in {self.workdir / 'checkpoints'}.")
+        done = step + 1
+        tokens_window += float(metrics["weight"])
+        steps_window += 1
+        bar.update(1)
+        if done % c.log_every == 0 or done == c.total_steps:
+          dt = time.time() - t_window
+          record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+                    "step_time": dt / steps_window, "tokens_per_s": tokens_window / dt}
+          if "accuracy" in metrics:
+            record["accuracy"] = metrics["accuracy"]
+          writer.write(done, **record)
+          history.append({"step": done, **record})
+          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                          tok_s=f"{tokens_window / dt:,.0f}", refresh=False)
+          t_window, tokens_window, steps_window = time.time(), 0.0, 0
+        if done % c.eval_every == 0 or done == c.total_steps:
+          ev = self.evaluate(state)
+          writer.write(done, **ev)
+          history.append({"step": done, **ev})
+        if _agree(stop["signal"]):
+          ckpt.save(done, state, data.get_state(), force=True)
+          ckpt.wait()
+          self._log(f"SIGTERM: saved step {done} to {self.workdir / 'checkpoints'}; exiting.")
+          return {"preempted_at": done}
+        if done % c.checkpoint_every == 0 or done == c.total_steps:
+          ckpt.save(done, state, data.get_state())
+    finally:
+      bar.close()
+      ckpt.close()
+      writer.close()
+      signal.signal(signal.SIGTERM, previous)
+    return self._summary(history, time.time() - t_start, start, c.total_steps)
+
+  def _summary(self, history, wall, start, last_step) -> dict[str, Any]:
+    records = monitor.read_metrics(self.workdir) if self.is_main else history
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    summary = {"steps": last_step, "resumed_from": start, "wall_time_s": round(wall, 1),
+               "final_train_loss": train[-1]["loss"] if train else None,
+               "final_val_loss": val[-1]["val_loss"] if val else None}
+    if val and "val_accuracy" in val[-1]:
+      summary["final_val_accuracy"] = val[-1]["val_accuracy"]
+    if train:
+      summary["tokens_per_s"] = round(float(np.median([r["tokens_per_s"] for r in train])), 1)
+    if self.is_main:
+      if self.config.get("plot", True):
+        path = monitor.plot_losses(self.workdir, records)
+        summary["plot"] = str(path) if path else None
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+      self._log(monitor.table("summary:", summary))
+    return summary
+
+  def _log(self, text: str) -> None:
+    if self.is_main:
+      print(text, flush=True)
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process if any process got the signal (all must save the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

@@ -1,0 +1,50 @@
+"""The trainer: exact resume, refusal of incompatible workdirs, NaN stop, metrics files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpxla.train import checkpoint
+from mpxla.train.monitor import read_metrics
+from mpxla.train.trainer import NonFiniteLoss, Trainer
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_resume_is_bit_exact(tiny_config, tmp_path):
+  full = Trainer(tiny_config(**{"model.attention_impl": "'dense_jax'"}), tmp_path / "full").run()
+  Trainer(tiny_config(total_steps="3", **{"model.attention_impl": "'dense_jax'"}), tmp_path / "split").run()
+  resumed = Trainer(tiny_config(**{"model.attention_impl": "'dense_jax'"}), tmp_path / "split").run()
+  a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  for step in a:
+    assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, every step
+  assert resumed["resumed_from"] == 3
+  assert full["final_val_loss"] == resumed["final_val_loss"]
+  assert a[6] < a[1]  # it trains
+  cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+  assert cfg["total_steps"] == 6 and cfg["recipe"] == "bf16"
+
+
+def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
+  Trainer(tiny_config(total_steps="1", **{"model.attention_impl": "'dense_jax'"}), tmp_path).run()
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  with pytest.raises(checkpoint.IncompatibleWorkdir, match="model.d_model"):
+    Trainer(tiny_config(**{"model.d_model": "64", "model.attention_impl": "'dense_jax'"}), tmp_path).run()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_config, tmp_path):
+  # A learning rate of 1e30 blows the weights up within a few steps.
+  c = tiny_config(total_steps="12", checkpoint_every="1", **{
+      "optim.lr": "1e30", "optim.grad_clip": "0.0", "optim.warmup_steps": "0",
+      "model.attention_impl": "'dense_jax'"})
+  with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as info:
+    Trainer(c, tmp_path).run()
+  bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+  ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert ckpts and max(ckpts) == bad_step - 1  # the last good step, never the NaN one
+  assert all(np.isfinite(v) for v in losses(tmp_path).values())
