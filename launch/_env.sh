@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MPXLA_VENV:-$ROOT/.venv}"
-EXTRAS="${MPXLA_EXTRAS:-dev}"
+EXTRAS="${MPXLA_EXTRAS:-dev,data,train}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   PY="${PYTHON:-}"

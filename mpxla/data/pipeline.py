@@ -5,6 +5,10 @@ is the source shuffled by `seed` and repeated (reshuffled each epoch). Process p
 P holds rows `[p*B/P, (p+1)*B/P)` of each global batch, so the global batch is the
 same for any number of processes, and the iterator's whole state is the batch
 index: resume is exact, and the state is a small JSON object saved in checkpoints.
+
+`single_pass=True` (evaluation) reads the source once in order: the last batch is
+filled with zero rows, and every batch carries `valid` (1 for real rows, 0 for filler)
+so that weighted metrics count each example exactly once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class BatchIterator:
       process_index: int = 0,
       process_count: int = 1,
       num_batches: int | None = None,
+      single_pass: bool = False,
   ):
     if global_batch % process_count:
       raise ValueError(
@@ -54,7 +59,13 @@ class BatchIterator:
     ds = grain.MapDataset.source(source)
     if transform is not None:
       ds = ds.map(transform)
-    self._ds = ds.shuffle(seed=seed).repeat() if shuffle else ds.repeat()
+    self._size = len(ds)
+    self._single_pass = single_pass
+    if single_pass:
+      self._ds = ds
+      num_batches = -(-self._size // global_batch)
+    else:
+      self._ds = ds.shuffle(seed=seed).repeat() if shuffle else ds.repeat()
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
     self._offset = process_index * self.local_batch
@@ -68,9 +79,17 @@ class BatchIterator:
     if self.num_batches is not None and self.step >= self.num_batches:
       raise StopIteration
     start = self.step * self.global_batch + self._offset
-    rows = [self._ds[i] for i in range(start, start + self.local_batch)]
     self.step += 1
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if not self._single_pass:
+      rows = [self._ds[i] for i in range(start, start + self.local_batch)]
+      return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    ids = range(start, start + self.local_batch)
+    template = self._ds[0]
+    rows = [self._ds[i] if i < self._size else {k: np.zeros_like(v) for k, v in template.items()}
+            for i in ids]
+    batch = {k: np.stack([r[k] for r in rows]) for k in template}
+    batch["valid"] = np.array([i < self._size for i in ids], np.float32)
+    return batch
 
   def get_state(self) -> dict[str, int]:
     return {"step": self.step}

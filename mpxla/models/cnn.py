@@ -22,6 +22,7 @@ class CNNConfig:
   bn_scope: str = "global"  # 'global' | 'local'
   ghost_batch_size: int = 0  # > 0: statistics per virtual batch of this many examples
   bn_axis_name: str | None = None  # mesh axes to reduce over inside shard_map (global scope)
+  bn_momentum: float = 0.9  # running averages settle within a few hundred steps
 
 
 class CNN(nn.Module):
@@ -40,8 +41,8 @@ class CNN(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       for j in range(2):
         x = nn.Conv(width, (3, 3), use_bias=False, dtype=c.dtype, name=f"conv{s}_{j}")(x)
-        x = BatchNorm(scope=c.bn_scope, ghost_batch_size=c.ghost_batch_size or None,
-                      axis_name=c.bn_axis_name, dtype=c.dtype,
+        x = BatchNorm(stat_scope=c.bn_scope, ghost_batch_size=c.ghost_batch_size or None,
+                      axis_name=c.bn_axis_name, momentum=c.bn_momentum, dtype=c.dtype,
                       name=f"bn{s}_{j}")(x, use_running_average=not train)
         x = jax.nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))

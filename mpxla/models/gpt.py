@@ -33,6 +33,7 @@ class GPTConfig:
   moe_top_k: int = 2
   moe_every: int = 2
   moe_d_ff: int = 0  # 0: d_ff
+  moe_lbl_scope: str = "global"  # load-balancing statistics: 'global' | 'micro_batch' | 'sequence'
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -113,11 +114,10 @@ class Block(nn.Module):
     if self.moe:
       from mpxla.nn.moe import MoE
 
-      mlp = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
-                dtype=c.dtype, name="moe")
-    else:
-      mlp = SwiGLU(c.d_ff, c.dtype, name="mlp")
-    return x_BxTxD + mlp(h)
+      moe = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
+                dtype=c.dtype, lbl_scope=c.moe_lbl_scope, name="moe")
+      return x_BxTxD + moe(h, mask=segment_ids_BxT > 0)  # padding takes no expert capacity
+    return x_BxTxD + SwiGLU(c.d_ff, c.dtype, name="mlp")(h)
 
 
 class GPT(nn.Module):

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
+  import os
+
+  import jax
+
+  if os.environ.get("MPXLA_CPU_COLLECTIVES"):  # e.g. 'gloo' for CPU processes on one machine
+    jax.config.update("jax_cpu_collectives_implementation", os.environ["MPXLA_CPU_COLLECTIVES"])
   from mpxla.parallel import initialize
 
   initialize()

@@ -13,9 +13,11 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-# Keys that may change between a run and its resumption.
+# Keys that may change between a run and its resumption (run length, logging, and the
+# mesh: a run may resume on another device layout; the global batch stays the same).
 RESUMABLE_KEYS = ("total_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints",
-                  "progress", "eval_batches", "plot")
+                  "progress", "eval_batches", "plot", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                  "mesh.expert")
 
 
 class IncompatibleWorkdir(RuntimeError):

@@ -102,10 +102,12 @@ class ImageTask:
       logits, new_state = self.model.apply(variables, batch["image"], train=False), model_state
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    n = jnp.float32(ce.shape[0])
-    metrics = {"loss": jnp.mean(ce), "accuracy": jnp.mean(correct), "loss_sum": jnp.sum(ce),
-               "weight": n, "correct": jnp.sum(correct)}
-    return jnp.mean(ce), (metrics, new_state)
+    w = batch.get("valid", jnp.ones_like(ce))  # evaluation pads its last batch
+    n = jnp.sum(w)
+    loss = jnp.sum(ce * w) / jnp.maximum(n, 1.0)
+    metrics = {"loss": loss, "accuracy": jnp.sum(correct * w) / jnp.maximum(n, 1.0),
+               "loss_sum": jnp.sum(ce * w), "weight": n, "correct": jnp.sum(correct * w)}
+    return loss, (metrics, new_state)
 
 
 def _find(tree, name: str) -> list[Any]:

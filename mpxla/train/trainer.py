@@ -28,34 +28,14 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
 from mpxla.train import checkpoint, monitor, recipes
 from mpxla.train.config import to_json
 from mpxla.train.tasks import make_task
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-
 class NonFiniteLoss(RuntimeError):
   """The training loss became NaN or inf."""
-
-
-def make_mesh(mesh_config) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest)."""
-  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
-  n = jax.device_count()
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
-  if -1 in sizes:
-    rest = math.prod(s for s in sizes if s != -1)
-    if n % rest:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {n} devices.")
-    sizes[sizes.index(-1)] = n // rest
-  if math.prod(sizes) != n:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"but {n} are present; set the axes to multiply to {n} (or use -1).")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, (jax.sharding.AxisType.Auto,) * 3)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -76,12 +56,12 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.is_main = jax.process_index() == 0
-    self.mesh = make_mesh(config.mesh)
+    self.mesh = parallel.make_mesh(dict(config.mesh))
     self.task = make_task(config)
     self.task.model = recipes.wrap_model(self.task.model, config.recipe)
     self.tx = recipes.make_optimizer(config)
     self.batch_size = config.data.batch_size
-    self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self._batch_sharding = NamedSharding(self.mesh, P(parallel.batch_axes(self.mesh)))
     self._compiled = None
 
   # --- state -----------------------------------------------------------------------------
@@ -142,19 +122,21 @@ class Trainer:
 
   # --- data ------------------------------------------------------------------------------
 
-  def _iterator(self, split: str, shuffle: bool, num_batches=None) -> BatchIterator:
+  def _iterator(self, split: str, train: bool) -> BatchIterator:
+    """Training: shuffled, endless. Evaluation: `eval_batches` in order (0: one exact pass)."""
     source = make_source(self.config.data, split)
-    return BatchIterator(source, self.batch_size, seed=self.config.seed, shuffle=shuffle,
+    n_eval = self.config.get("eval_batches", 0)
+    return BatchIterator(source, self.batch_size, seed=self.config.seed, shuffle=train,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         num_batches=num_batches)
+                         num_batches=None if train else (n_eval or None),
+                         single_pass=not train and not n_eval)
 
   def _global(self, local_batch: dict[str, np.ndarray]):
-    return {k: jax.make_array_from_process_local_data(self._batch_sharding, v)
-            for k, v in local_batch.items()}
+    return parallel.global_batch(local_batch, self.mesh)
 
   def evaluate(self, state) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for batch in self._iterator("validation", shuffle=False, num_batches=self.config.eval_batches):
+    for batch in self._iterator("validation", train=False):
       for k, v in self._eval_step(state, self._global(batch)).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     out = {"val_loss": totals["loss_sum"] / max(totals["weight"], 1.0)}
@@ -177,7 +159,7 @@ class Trainer:
     if self.is_main:
       (self.workdir / "config.json").write_text(to_json(c))
     ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", c.keep_checkpoints)
-    data = self._iterator("train", shuffle=True)
+    data = self._iterator("train", train=True)
     start = ckpt.latest_step()
     if start is None:
       state, start = self.init_state(), 0

@@ -121,3 +121,18 @@ def test_tfds_sources_with_mock_data():
     raw = raw.encode() if isinstance(raw, str) else raw
     assert bytes(ex["tokens"][:n].astype(np.uint8)) == raw[:17]
     assert np.all(ex["tokens"][n:] == 0)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_single_pass_counts_every_example_once(processes):
+  its = [BatchIterator(_source(10), 4, single_pass=True, process_index=p, process_count=processes)
+         for p in range(processes)]
+  rows, valid = [], []
+  for batches in zip(*its, strict=True):
+    rows.append(np.concatenate([b["x"][:, 0] for b in batches]))
+    valid.append(np.concatenate([b["valid"] for b in batches]))
+  rows, valid = np.concatenate(rows), np.concatenate(valid)
+  assert len(rows) == 12  # three batches of 4, the last padded with two filler rows
+  np.testing.assert_array_equal(rows[valid == 1], np.arange(10))
+  np.testing.assert_array_equal(valid, [1] * 10 + [0, 0])
+  np.testing.assert_array_equal(rows[valid == 0], [0, 0])

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,3 +49,29 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_config, t
   ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts and max(ckpts) == bad_step - 1  # the last good step, never the NaN one
   assert all(np.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_resume_onto_another_mesh(tiny_config, tmp_path):
+  # float32 compute: another layout changes only the reduction order (BF16 would amplify it).
+  dense = {"model.attention_impl": "'dense_jax'", "model.dtype": "'float32'"}
+  Trainer(tiny_config(**dense), tmp_path / "ref").run()  # 6 steps on data=8
+  Trainer(tiny_config(total_steps="3", **dense), tmp_path / "run").run()
+  other = Trainer(tiny_config(**{"mesh.data": "2", "mesh.fsdp": "4", **dense}), tmp_path / "run")
+  # The checkpoint restores onto the fsdp=4 layout bit for bit.
+  ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", keep=3)
+  restored, data_state = ckpt.restore(3, other.abstract_state())
+  ckpt.close()
+  assert data_state == {"step": 3}
+  first = Trainer(tiny_config(total_steps="3", **dense), tmp_path / "run")
+  ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", keep=3)
+  original, _ = ckpt.restore(3, first.abstract_state())
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  sharded = [x for x in jax.tree.leaves(restored["params"]) if "fsdp" in str(x.sharding.spec)]
+  assert sharded  # the large matrices really are split over fsdp now
+  other.run()
+  a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+  assert [a[s] for s in (1, 2, 3)] == [b[s] for s in (1, 2, 3)]
+  # Another layout may reduce in another order: equal up to float32 rounding.
+  np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [a[s] for s in (4, 5, 6)], rtol=1e-5)
