@@ -24,7 +24,9 @@ def get_config(variant: str = "global") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="cnn", num_classes=10, widths=[32, 64], dtype="float32",
       bn_scope="local" if variant == "local" else "global",
-      ghost_batch_size=16 if variant == "ghost" else 0, bn_axis_name=None))
+      ghost_batch_size=16 if variant == "ghost" else 0,
+      # 'local' statistics are per device: name the batch's mesh axes.
+      bn_axis_name=["data", "fsdp", "expert"] if variant == "local" else None))
   c.data = ml_collections.ConfigDict(dict(name="digits", batch_size=128, image_shape=[8, 8, 1]))
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=20, decay_steps=300, final_lr_fraction=0.1, b1=0.9, b2=0.999,

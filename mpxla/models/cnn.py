@@ -21,7 +21,7 @@ class CNNConfig:
   dtype: str = "float32"
   bn_scope: str = "global"  # 'global' | 'local'
   ghost_batch_size: int = 0  # > 0: statistics per virtual batch of this many examples
-  bn_axis_name: str | None = None  # mesh axes to reduce over inside shard_map (global scope)
+  bn_axis_name: str | tuple[str, ...] | None = None  # the batch's mesh axes (mpxla.parallel.stats)
   bn_momentum: float = 0.9  # running averages settle within a few hundred steps
 
 
@@ -42,8 +42,12 @@ class CNN(nn.Module):
       for j in range(2):
         x = nn.Conv(width, (3, 3), use_bias=False, dtype=c.dtype, name=f"conv{s}_{j}")(x)
         x = BatchNorm(stat_scope=c.bn_scope, ghost_batch_size=c.ghost_batch_size or None,
-                      axis_name=c.bn_axis_name, momentum=c.bn_momentum, dtype=c.dtype,
+                      axis_name=_axes(c.bn_axis_name), momentum=c.bn_momentum, dtype=c.dtype,
                       name=f"bn{s}_{j}")(x, use_running_average=not train)
         x = jax.nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(c.num_classes, dtype=c.dtype, name="head")(x).astype(jnp.float32)
+
+
+def _axes(names):
+  return tuple(names) if isinstance(names, list | tuple) else names

@@ -46,7 +46,8 @@ def amax(
 ) -> jax.Array:
   """Max |x| per block, float32 of the scales' shape (NaN if a block has NaN)."""
   g = as_granularity(granularity)
-  xb = to_blocks(jnp.abs(x).astype(jnp.float32), g)
+  # An amax sets a scale; it carries no gradient (and pmax has no differentiation rule).
+  xb = to_blocks(jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32), g)
   a = jnp.max(xb, axis=block_axes(x.ndim)).reshape(scale_shape(x.shape, g))
   if axis_name is not None:
     if not isinstance(g, PerTensor):

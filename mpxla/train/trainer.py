@@ -109,7 +109,8 @@ class Trainer:
                            self.task.dummy_batch(self.batch_size))
       step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self._batch_sharding),
                      out_shardings=(self.state_shardings, None), donate_argnums=0)
-      self._compiled = step.lower(self.abstract_state(), batch).compile()
+      with jax.set_mesh(self.mesh):  # layers that name mesh axes (local BatchNorm) see the mesh
+        self._compiled = step.lower(self.abstract_state(), batch).compile()
     return self._compiled
 
   @functools.cached_property
@@ -118,7 +119,13 @@ class Trainer:
       _, (metrics, _) = self.task.loss(state["params"], state["model_state"], batch, train=False)
       return {k: v for k, v in metrics.items() if k in ("loss_sum", "weight", "correct")}
 
-    return jax.jit(step, in_shardings=(self.state_shardings, self._batch_sharding))
+    jitted = jax.jit(step, in_shardings=(self.state_shardings, self._batch_sharding))
+
+    def run(state, batch):
+      with jax.set_mesh(self.mesh):
+        return jitted(state, batch)
+
+    return run
 
   # --- data ------------------------------------------------------------------------------
 
