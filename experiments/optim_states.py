@@ -1,0 +1,192 @@
+"""Benchmark of FP8-compressed AdamW states on a GPT-shaped pytree (~110M parameters).
+
+Prints, for optax.adamw (float32 moments) and mpxla.optim.adamw_fp8:
+  - optimizer-state bytes per parameter (COAT's layout computed for comparison),
+  - the jitted update's compiled temp bytes vs the largest leaf's float32 moments,
+  - the jitted update's wall time (median of timed runs) as a ratio to optax.adamw,
+and the codec's error ratios against plain per-group E4M3.
+
+Run from the repository root:
+  .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
+  [--bias] [--no-timing]
+
+XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (XLA's
+memory-minimizing schedule) before jax is imported; timings use that schedule too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _set_flags() -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _FLAG not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + _FLAG).strip()
+
+
+def gpt_shapes(layers: int, d: int, vocab: int, ctx: int, bias: bool) -> dict:
+  """Parameter shapes of a GPT-2-style decoder (tied embeddings, LayerNorm scales)."""
+  shapes = {"wte": (vocab, d), "wpe": (ctx, d), "ln_f": {"scale": (d,)}}
+  for i in range(layers):
+    block = {
+        "ln1": {"scale": (d,)},
+        "attn": {"qkv": (d, 3 * d), "proj": (d, d)},
+        "ln2": {"scale": (d,)},
+        "mlp": {"fc": (d, 4 * d), "proj": (4 * d, d)},
+    }
+    if bias:
+      block["ln1"]["bias"] = block["ln2"]["bias"] = (d,)
+      block["attn"].update(qkv_bias=(3 * d,), proj_bias=(d,))
+      block["mlp"].update(fc_bias=(4 * d,), proj_bias=(d,))
+    shapes[f"h{i}"] = block
+  return shapes
+
+
+def _median_times(fns: dict, args: dict, warmup: int, iters: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  for name, f in fns.items():
+    for _ in range(warmup):
+      jax.block_until_ready(f(*args[name]))
+  times = {name: [] for name in fns}
+  for _ in range(iters):  # Interleaved, so load changes hit both alike.
+    for name, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f(*args[name]))
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def _codec_errors() -> list[tuple[str, float]]:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from mpxla.optim import expansion as ex  # pylint: disable=import-outside-toplevel
+
+  fq = jax.jit(ex.fake_quantize, static_argnames=("fmt", "expansion"))
+
+  def plain(x):  # Per-group absmax to 448, round to nearest (numpy reference).
+    scale = 448.0 / np.abs(x).max(-1, keepdims=True)
+    return (x * scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) / scale
+
+  rows = []
+  for sigma in (0.5, 1.0, 2.0):
+    x = np.random.default_rng(10).lognormal(0, sigma, (4000, 128)).astype(np.float32)
+    xd = x.astype(np.float64)
+    mse_exp = np.mean((np.asarray(fq(jnp.asarray(x)), np.float64) - xd) ** 2)
+    rows.append((f"MSE plain E4M3 / E4M3+expansion, lognormal sigma={sigma}",
+                 np.mean((plain(xd) - xd) ** 2) / mse_exp))
+  rng = np.random.default_rng(0)
+  scale = rng.lognormal(0, 1.0, (500, 128)) * 1e-3
+  mean = rng.normal(0, 1, (500, 128)) * scale * 0.3
+  m = np.zeros_like(scale)
+  v = np.zeros_like(scale)
+  for _ in range(100):
+    g = mean + scale * rng.standard_normal(scale.shape)
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+  ref = m / (np.sqrt(v) + 1e-8)
+
+  def upd_mse(expansion):
+    mq = np.asarray(fq(jnp.asarray(m, jnp.float32), expansion=expansion), np.float64)
+    vq = np.asarray(fq(jnp.asarray(v, jnp.float32), expansion=expansion), np.float64)
+    return np.mean((mq / (np.sqrt(vq) + 1e-8) - ref) ** 2)
+
+  rows.append(("MSE of m/(sqrt(v)+eps), no expansion / expansion (Adam-like states)",
+               upd_mse(False) / upd_mse(True)))
+  return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", type=int, default=12)
+  parser.add_argument("--d-model", type=int, default=768)
+  parser.add_argument("--vocab", type=int, default=32000)
+  parser.add_argument("--ctx", type=int, default=1024)
+  parser.add_argument("--bias", action="store_true", help="add biases (GPT-2 style)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--no-timing", action="store_true", help="skip the wall-time table")
+  args = parser.parse_args(argv)
+
+  _set_flags()
+  print("$ cd " + shlex.quote(os.getcwd()) + " && " +
+        shlex.join([os.path.relpath(sys.executable)] + sys.argv))
+  print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  import mpxla.optim as mo  # pylint: disable=import-outside-toplevel
+
+  print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs")
+  shapes = gpt_shapes(args.layers, args.d_model, args.vocab, args.ctx, args.bias)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  key = jax.random.key(0)
+  params = jax.tree.unflatten(treedef, [
+      0.02 * jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(leaves)])
+  grads = jax.tree.map(lambda p: 0.1 * p + 1e-3 * jnp.sign(p), params)
+  n = sum(p.size for p in jax.tree.leaves(params))
+  largest = max(p.size for p in jax.tree.leaves(params))
+  print(f"GPT pytree: {args.layers} layers, d={args.d_model}, vocab={args.vocab}, ctx={args.ctx}, "
+        f"bias={args.bias}: {len(leaves)} leaves, {n:,} parameters, largest leaf {largest:,}")
+
+  opts = {"optax.adamw": optax.adamw(1e-3), "mpxla adamw_fp8": mo.adamw_fp8(1e-3)}
+  states, compiled = {}, {}
+  for name, opt in opts.items():
+    states[name] = jax.jit(opt.init)(params)
+    compiled[name] = jax.jit(opt.update).lower(grads, states[name], params).compile()
+
+  # Bytes per parameter; COAT: same leaves compressed, 1 byte + 3 float32 per 128-group.
+  fp8_state = states["mpxla adamw_fp8"]
+  comp = [c for c in jax.tree.leaves(fp8_state, is_leaf=mo.is_compressed) if mo.is_compressed(c)]
+  n_comp = sum(c.size for c in comp) // 2  # Two moments per compressed parameter.
+  coat = (mo.nbytes(states["optax.adamw"]) - 8 * n_comp
+          + sum(c.codes.size + 12 * c.amax.size for c in comp))
+  print()
+  print("| optimizer state | bytes/param (all leaves) | bytes/param (compressed leaves) |")
+  print("|---|---|---|")
+  print(f"| optax.adamw (float32 m, v) | {mo.nbytes(states['optax.adamw']) / n:.4f} | 8.0000 |")
+  print(f"| COAT layout (E4M3 + 3 float32 / group) | {coat / n:.4f} | "
+        f"{sum(c.codes.size + 12 * c.amax.size for c in comp) / n_comp:.4f} |")
+  print(f"| mpxla adamw_fp8 (E4M3 + uint8 k + float32 amax / group) | {mo.nbytes(fp8_state) / n:.4f} | "
+        f"{sum(c.nbytes for c in comp) / n_comp:.4f} |")
+  print(f"({n_comp:,} of {n:,} parameters have compressed moments; the rest stay float32.)")
+
+  print()
+  print("| update (jit) | temp bytes | largest leaf's fp32 m+v | all fp32 m+v | temp / largest |")
+  print("|---|---|---|---|---|")
+  for name, c in compiled.items():
+    temp = c.memory_analysis().temp_size_in_bytes
+    print(f"| {name} | {temp:,} | {8 * largest:,} | {8 * n:,} | {temp / (8 * largest):.4f} |")
+
+  if not args.no_timing:
+    call_args = {name: (grads, states[name], params) for name in compiled}
+    med = _median_times(compiled, call_args, args.warmup, args.iters)
+    print()
+    print(f"| update (jit) | median wall time ({args.iters} runs after {args.warmup} warm-up) "
+          "| ratio to optax.adamw |")
+    print("|---|---|---|")
+    for name, t in med.items():
+      print(f"| {name} | {t * 1e3:.1f} ms | {t / med['optax.adamw']:.2f}x |")
+
+  print()
+  print("| codec error | ratio |")
+  print("|---|---|")
+  for label, ratio in _codec_errors():
+    print(f"| {label} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,33 @@
+"""FP8-compressed optimizer states (COAT-style dynamic range expansion) for Optax.
+
+- `compress_states(inner, ...)`: wraps any Optax transform; large floating-point
+  state leaves are stored as 8-bit codes plus per-group metadata.
+- `adamw_fp8(...)`: `compress_states(optax.adamw(...))`.
+- `compress(state, ...)` / `decompress(state)`: convert a plain Optax state to
+  the compressed form and back.
+- `expansion`: the per-group codec (pure functions).
+"""
+
+from mpxla.optim import expansion
+from mpxla.optim.compress import (
+    CompressedArray,
+    LeafConfig,
+    compress,
+    compress_states,
+    decompress,
+    is_compressed,
+    nbytes,
+)
+from mpxla.optim.recipes import adamw_fp8
+
+__all__ = [
+    "CompressedArray",
+    "LeafConfig",
+    "adamw_fp8",
+    "compress",
+    "compress_states",
+    "decompress",
+    "expansion",
+    "is_compressed",
+    "nbytes",
+]

@@ -1,0 +1,221 @@
+"""Per-group FP8 codec with COAT's dynamic range expansion.
+
+The codec works on groups along the last axis of `x` (shape `(..., G)`). With
+M = fmt.max (448 for E4M3) and, per group, amax = max|x| and amin = the smallest
+nonzero |x| (zeros are ignored), COAT (arXiv 2410.19313) expands the group with
+
+  R = amax / amin,  c = sqrt(amax * amin),
+  k = floor(16 * log2(M^2 / 2) / log2(R)) / 16,
+  y = sign(x) * (|x| / c)^k,  s = (amax / c)^k / M,  code = fmt(y / s),
+
+and decodes sign(q) * |q * s|^(1/k) * c. Since y / s = M * (|x| / amax)^k, c and
+s cancel out: a group is fully described by (k, amax). We store
+
+  k16 = 16 * k  as uint8 (k on its 1/16 grid, k in [1/16, 255/16]),
+  amax          as float32 (exact),
+
+i.e. 5 bytes per group instead of COAT's three float32 (12 bytes), and compute
+
+  encode: t = 2^(log2 M + k * (log2|x| - log2 amax)),  code = fmt(sign(x) * t)
+  decode: x' = sign(q) * 2^(log2 amax + (log2|q| - log2 M) / k)
+
+in float32, exponents added in the log domain so nothing under- or overflows
+(per-element log2/exp2 from `fastmath` and E4M3/E5M2 conversions from `fp8bits`,
+bit-exact with mpxla.formats, so XLA fuses the decode into each of its consumers
+instead of storing it). Policies (the fixes to COAT's reference code):
+
+- zeros (and padding) never enter amin, so they do not change k; zero codes
+  decode to exact zeros (-0.0 stays -0.0) and an all-zero group decodes to
+  zeros (stored amax = 0, k16 = 255).
+- |x| = amax encodes to M and |q| = M decodes to amax exactly (by a select, not
+  through exp/log): the group maximum is exact and a constant group (R = 1,
+  every code +-M) decodes exactly.
+- R ~ 1 (k would exceed 255/16, or be infinite): k is clamped to 255/16.
+- R > M^2 / 2 gives k < 1: allowed down to 1/16, which squeezes the range into
+  the format (relative error grows like 1/k). For float32 inputs with normal
+  values log2 R < 254, so k >= 1/16 always keeps R^k <= M^2 / 2 and the
+  smallest element at t >= 2 / M, above fmt.min_subnormal.
+- nonzero x never encodes to a zero code (t is at least fmt.min_subnormal) and a
+  nonzero code never decodes to 0 (magnitudes are at least 2^-126, float32's
+  smallest normal). float32 subnormal inputs count as zeros (XLA on CPU flushes
+  them).
+- codes saturate at +-M (t <= M by construction, and `cast` clips); no finite
+  input gives NaN or inf.
+- a group holding NaN or +-inf stores amax = NaN, so the whole group decodes to
+  NaN: a non-finite state is visible, never silently clipped.
+
+Without expansion (`expansion=False`) the codec is plain per-group absmax
+scaling: t = |x| * (M / amax), x' = |q| * (amax / M), with the same zero,
+maximum, nonzero and non-finite policies (k16 is not stored).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpxla.formats import Format, cast, get_format, upcast
+from mpxla.optim import fastmath, fp8bits
+
+K_DENOM = 16  # k is stored on a 1/16 grid.
+K16_MIN = 1  # k >= 1/16.
+K16_MAX = 255  # k <= 255/16 = 15.9375, the largest uint8.
+_F32_TINY = 2.0**-126  # float32's smallest normal.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class Encoded(NamedTuple):
+  """A group-encoded array.
+
+  Attributes:
+    codes: 8-bit codes, the shape of x (..., G), in fmt's storage dtype.
+    k16: uint8 (..., 1): 16 * k, or None without expansion.
+    amax: float32 (..., 1): the group's max |x| (NaN for non-finite groups).
+  """
+
+  codes: jax.Array
+  k16: jax.Array | None
+  amax: jax.Array
+
+
+class ExpansionParams(NamedTuple):
+  """COAT's per-group quantities (for analysis; the codec stores only k and amax).
+
+  Attributes:
+    k: expansion exponent, on its 1/16 grid.
+    c: sqrt(amax * amin), COAT's centre.
+    s: COAT's scale (amax / c)^k / M.
+    a: the decode factor s^(1/k) * c = amax * M^(-1/k).
+  """
+
+  k: jax.Array
+  c: jax.Array
+  s: jax.Array
+  a: jax.Array
+
+
+def group_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(amax, amin) over the last axis (kept, size 1): max |x| and the smallest nonzero |x|.
+
+  Zeros count as FLT_MAX in the min, so an all-zero group has amin = FLT_MAX
+  (and amax = 0). One variadic reduction: XLA fuses the producer of x into it,
+  so x is never stored. NaN in x makes amax NaN.
+  """
+  ax = jnp.abs(x.astype(jnp.float32))
+  nz = jnp.where(ax > 0, ax, _F32_MAX)
+  amax, amin = jax.lax.reduce(
+      (ax, nz), (np.float32(-np.inf), np.float32(np.inf)), _max_min, (x.ndim - 1,)
+  )
+  return amax[..., None], amin[..., None]
+
+
+def _max_min(a, b):
+  # Module-level (stable identity), so eager calls hit the compilation cache.
+  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+
+def _usable(amax: jax.Array) -> jax.Array:
+  return jnp.isfinite(amax) & (amax > 0)
+
+
+def expansion_k16(amax: jax.Array, amin: jax.Array, fmt: str | Format = "e4m3") -> jax.Array:
+  """16 * k as uint8: floor(16 * log2(M^2 / 2) / log2(amax / amin)), clipped to [1, 255].
+
+  log2(amax / amin) is computed as log2(amax) - log2(amin) (no overflow); R = 1,
+  all-zero and non-finite groups get 255.
+  """
+  fmt = get_format(fmt)
+  l16 = float(K_DENOM * math.log2(fmt.max**2 / 2.0))
+  ok = _usable(amax) & (amin <= amax)
+  lr = fastmath.log2(jnp.where(ok, amax, 1.0)) - fastmath.log2(jnp.where(ok, amin, 1.0))
+  ok = ok & (lr > 0)
+  k16 = jnp.clip(jnp.floor(l16 / jnp.where(ok, lr, 1.0)), K16_MIN, K16_MAX)
+  return jnp.where(ok, k16, K16_MAX).astype(jnp.uint8)
+
+
+def expansion_params(x: jax.Array, fmt: str | Format = "e4m3") -> ExpansionParams:
+  """COAT's (k, c, s, a) for each group of x (last axis), in float32."""
+  fmt = get_format(fmt)
+  amax, amin = group_range(x)
+  k = expansion_k16(amax, amin, fmt).astype(jnp.float32) / K_DENOM
+  c = jnp.sqrt(amax * amin)
+  s = (amax / c) ** k / fmt.max
+  a = amax * jnp.float32(fmt.max) ** (-1.0 / k)
+  return ExpansionParams(k=k, c=c, s=s, a=a)
+
+
+def encode(
+    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True
+) -> Encoded:
+  """Encodes groups along the last axis of x (see module docstring for the formula)."""
+  fmt = get_format(fmt)
+  x = x.astype(jnp.float32)
+  amax, amin = group_range(x)
+  stored_amax = jnp.where(jnp.isfinite(amax), amax, jnp.nan)
+  safe_amax = jnp.where(_usable(amax), amax, 1.0)
+  # Per-group values end in an op XLA deems expensive (log, divide), so they are
+  # computed once per group instead of inside the per-element loop.
+  if expansion:
+    k16 = expansion_k16(amax, amin, fmt)
+    k = k16.astype(jnp.float32) * (1.0 / K_DENOM)  # Exact: k16 / 16.
+    # t = M * (|x| / amax)^k = 2^(log2 M + k (log2|x| - log2 amax)).
+    lmax = jnp.log2(safe_amax)
+  else:
+    k16 = None
+    scale = fmt.max / safe_amax
+  ax = jnp.abs(x)
+  if expansion:
+    t = fastmath.exp2(math.log2(fmt.max) + k * (fastmath.log2(ax) - lmax))
+  else:
+    t = ax * scale
+  t = jnp.where(ax == amax, fmt.max, t)  # The group max maps to M exactly.
+  # Nonzero x gets a nonzero code; sign(0) = 0 keeps zeros (and -0.0) exact.
+  # Non-finite groups give arbitrary codes: their stored amax is NaN.
+  codes = _to_codes(jnp.clip(t, fmt.min_subnormal, fmt.max) * jnp.sign(x), fmt)
+  return Encoded(codes=codes, k16=k16, amax=stored_amax)
+
+
+def decode(enc: Encoded, fmt: str | Format = "e4m3", dtype=jnp.float32) -> jax.Array:
+  """Decodes `encode`'s output: sign(q) * amax * (|q| / M)^(1/k), exact at q = 0 and |q| = M."""
+  fmt = get_format(fmt)
+  amax = enc.amax
+  # Per-group values (see encode); amax * 0 is NaN for a non-finite group (stored
+  # amax = NaN), which makes its whole decode NaN.
+  if enc.k16 is not None:
+    # |x'| = 2^(log2 amax + (log2|q| - log2 M) / k) = 2^(a + log2|q| / k).
+    inv_k = K_DENOM / enc.k16.astype(jnp.float32)
+    a = jnp.log2(jnp.where(_usable(amax), amax, 1.0)) + amax * 0.0 - math.log2(fmt.max) * inv_k
+  else:
+    scale = amax / fmt.max
+  q = _from_codes(enc.codes, fmt)
+  aq = jnp.abs(q)
+  if enc.k16 is not None:
+    mag = fastmath.exp2(a + inv_k * fastmath.log2(aq))
+  else:
+    mag = aq * scale
+  mag = jnp.where(aq == fmt.max, amax, jnp.maximum(mag, _F32_TINY))
+  # sign(q) = 0 for zero codes gives 0 (or NaN in a non-finite group, where amax is NaN).
+  return (mag * jnp.sign(q)).astype(dtype)
+
+
+def _to_codes(y: jax.Array, fmt: Format) -> jax.Array:
+  """cast(y, fmt) for |y| <= fmt.max (or NaN); bit arithmetic for E4M3/E5M2 (see fp8bits)."""
+  return fp8bits.to_fp8(y, fmt.name) if fp8bits.supports(fmt.name) else cast(y, fmt)
+
+
+def _from_codes(codes: jax.Array, fmt: Format) -> jax.Array:
+  """upcast(codes, fmt) for finite codes."""
+  if fp8bits.supports(fmt.name):
+    return fp8bits.from_fp8(codes, fmt.name)
+  return upcast(codes, fmt, jnp.float32)
+
+
+def fake_quantize(
+    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True
+) -> jax.Array:
+  """decode(encode(x)): x rounded through the codec, groups along the last axis."""
+  return decode(encode(x, fmt, expansion=expansion), fmt, x.dtype)
