@@ -1,0 +1,356 @@
+"""XLA attention path: gather the listed key blocks per query block, attend, scatter back.
+
+Every non-empty (query block, key block) pair of the BlockMask becomes one entry of a flat list
+of static capacity `bm.max_pairs` per [batch, mask head]; per pair
+
+    s = scale * q_blk @ k_blk^T   (softcap: s = c * tanh(s / c)),  masked to -inf in partial blocks
+    m = segment_max(rowmax(s)) over the pairs of a query block,  p = exp(s - m)
+    o = segment_sum(p @ v_blk) / segment_sum(rowsum(p)),  lse = m + log(l)
+
+so the work grows with the number of non-empty blocks. When the capacity covers most pairs
+(> DENSE_THRESHOLD) the same math runs on the whole [q_len, kv_len] score matrix instead.
+Fully masked rows give output 0 and lse = -inf.
+
+The custom VJP saves only q, k, v, the output and lse (plus the mask's int32 arrays) and
+recomputes p in the backward pass:
+
+    p = exp(s - lse), dv = sum p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)),
+    dq = scale * sum ds k, dk = scale * sum ds^T q  (times 1 - tanh^2 under softcap).
+
+Computation is in float32 (inputs are upcast; outputs cast back).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpxla.attention import masks as M
+from mpxla.attention.block_mask import DENSE_THRESHOLD, BlockMask
+
+
+class _Cfg(NamedTuple):
+  scale: float
+  softcap: float | None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask | None, *,
+              scale: float, softcap: float | None = None) -> jax.Array:
+  """Attention [B, Tq, H, D] over q [B, Tq, H, D], k/v [B, Tk, Hk, D] with the XLA path."""
+  return _attention(q, k, v, bm, _Cfg(float(scale), None if softcap is None else float(softcap)))
+
+
+def mode(bm: BlockMask | None) -> str:
+  """'dense' or 'sparse': how the XLA path computes this mask."""
+  if bm is None:
+    return "dense"
+  return "sparse" if bm.max_pairs <= DENSE_THRESHOLD * bm.num_q_blocks * bm.num_kv_blocks \
+      else "dense"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, bm, cfg):
+  return _forward(q, k, v, bm, cfg)[0]
+
+
+def _attention_fwd(q, k, v, bm, cfg):
+  o, lse = _forward(q, k, v, bm, cfg)
+  return o, (q, k, v, o, lse, bm)
+
+
+def _attention_bwd(cfg, res, do):
+  q, k, v, o, lse, bm = res
+  dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _forward(q, k, v, bm, cfg):
+  """(o [B, Tq, H, D] in q.dtype, lse float32 [B, H, Tq])."""
+  return _dispatch(q, k, v, None, bm, cfg)
+
+
+def _backward(q, k, v, o, lse, do, bm, cfg):
+  return _dispatch(q, k, v, (o, lse, do), bm, cfg)
+
+
+def _dispatch(q, k, v, bwd, bm, cfg):
+  """Dense or sparse; sparse with a capacity below the static bound checks it at run time."""
+  if mode(bm) == "dense":
+    return _dense(q, k, v, bwd, bm, cfg)
+  if bm.max_pairs >= bm.pair_bound:
+    return _sparse(q, k, v, bwd, bm, cfg)
+  return jax.lax.cond(_overflow(bm), functools.partial(_dense, q, k, v, bwd, bm, cfg),
+                      functools.partial(_sparse, q, k, v, bwd, bm, cfg))
+
+
+def _overflow(bm):
+  return jnp.any(jnp.sum(bm.kv_num_blocks + bm.full_kv_num_blocks, -1) > bm.max_pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: heads are split into Hm mask-head groups (Hm = 1 or H), each with Hkm kv heads and
+# Gp query heads per kv head; sequences into blocks. "Grouped" arrays are
+# [B, Hm, n_blocks, Hkm, Gp * block, D].
+
+
+class _Layout(NamedTuple):
+  hm: int
+  hkm: int
+  gp: int
+
+
+def _layout(bm, h, hk) -> _Layout:
+  hm = 1 if bm is None else bm.kv_num_blocks.shape[1]
+  return _Layout(1, hk, h // hk) if hm == 1 else _Layout(h, 1, 1)
+
+
+def _to_groups(x, lay: _Layout, gp: int, nb: int, bs: int):
+  b, t, _, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+  x = x.reshape(b, nb, bs, lay.hm, lay.hkm, gp, d).transpose(0, 3, 1, 4, 5, 2, 6)
+  return x.reshape(b, lay.hm, nb, lay.hkm, gp * bs, d)
+
+
+def _from_groups(x, lay: _Layout, gp: int, t: int):
+  b, hm, nb, hkm, gbs, d = x.shape
+  bs = gbs // gp
+  x = x.reshape(b, hm, nb, hkm, gp, bs, d).transpose(0, 2, 5, 1, 3, 4, 6)
+  return x.reshape(b, nb * bs, hm * hkm * gp, d)[:, :t]
+
+
+def _kv_groups(x, lay, h, nb, bs):
+  """k or v [B, Tk, Hk, D] -> grouped; per-head masks repeat kv heads to the query heads."""
+  if lay.hm > 1:
+    x = jnp.repeat(x, h // x.shape[2], axis=2)
+  return _to_groups(x, lay, 1, nb, bs)
+
+
+def _kv_grad(dx, lay, hk, t):
+  dx = _from_groups(dx, lay, 1, t)  # [B, Tk, Hm * Hkm, D]
+  if lay.hm > 1:
+    dx = dx.reshape(dx.shape[:2] + (hk, -1, dx.shape[-1])).sum(3)
+  return dx
+
+
+def _lse_to_bht(lse, t):
+  """[B, Hm, nb, Hkm, Gp, bs] -> [B, H, T]."""
+  b, hm, nb, hkm, gp, bs = lse.shape
+  return lse.transpose(0, 1, 3, 4, 2, 5).reshape(b, hm * hkm * gp, nb * bs)[:, :, :t]
+
+
+def _lse_from_bht(lse, lay, nb, bs):
+  b, _, t = lse.shape
+  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, nb * bs - t)))
+  lse = lse.reshape(b, lay.hm, lay.hkm, lay.gp, nb, bs)
+  return lse.transpose(0, 1, 4, 2, 3, 5)
+
+
+def _bcast(x, b, hm):
+  """Mask arrays [Bm, Hm', ...] -> [b, hm, ...]."""
+  return jnp.broadcast_to(x, (b, hm) + x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared math on one [batch, mask head] slice
+
+
+def _scores(qg, kg, cfg, gp):
+  """qg [..., Hkm, Gp*bq, D], kg [..., Hkm, bk, D] -> (s, raw) [..., Hkm, Gp, bq, bk] f32."""
+  raw = jnp.einsum("...hqd,...hkd->...hqk", qg, kg, preferred_element_type=jnp.float32)
+  raw = raw * cfg.scale
+  raw = raw.reshape(raw.shape[:-2] + (gp, -1, raw.shape[-1]))
+  s = raw if cfg.softcap is None else cfg.softcap * jnp.tanh(raw / cfg.softcap)
+  return s, raw
+
+
+def _grad_scores(ds, raw, cfg):
+  """d(loss)/d(q.k) from d(loss)/d(s)."""
+  if cfg.softcap is not None:
+    t = jnp.tanh(raw / cfg.softcap)
+    ds = ds * (1 - t * t)
+  return ds * cfg.scale
+
+
+def _safe(m):
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _pv(p, vg):
+  """p [..., Hkm, Gp, bq, bk] @ v [..., Hkm, bk, D] -> [..., Hkm, Gp*bq, D]."""
+  p = p.reshape(p.shape[:-3] + (-1, p.shape[-1]))
+  return jnp.einsum("...hqk,...hkd->...hqd", p, vg, preferred_element_type=jnp.float32)
+
+
+def _split(x, gp):
+  """[..., Hkm, Gp*bq, D] -> [..., Hkm, Gp, bq, D]."""
+  return x.reshape(x.shape[:-2] + (gp, -1, x.shape[-1]))
+
+
+def _merge(x):
+  return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense: whole score matrix, mask evaluated elementwise (and the block lists if selected)
+
+
+def _dense_allowed(bm, b, hm, tq, tk):
+  """bool [b, hm, Tq, Tk] or None."""
+  if bm is None:
+    return None
+  if bm.selected:
+    allowed = bm.to_dense(hm if bm.kv_perm is not None else None)
+  else:
+    q_tok, kv_tok = bm.tokens(hm if bm.kv_perm is not None else None)
+    allowed = M.eval_tokens(bm.mask, q_tok[:, None, :, :tq, None], kv_tok[:, :, :, None, :tk])
+  return jnp.broadcast_to(allowed, (b, hm, tq, tk))
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _dense(q, k, v, bwd, bm, cfg):
+  b, tq, h, _ = q.shape
+  tk, hk = k.shape[1], k.shape[2]
+  lay = _layout(bm, h, hk)
+  qg = _to_groups(_f32(q), lay, lay.gp, 1, tq)[:, :, 0]  # [B, Hm, Hkm, Gp*Tq, D]
+  kg = _kv_groups(_f32(k), lay, h, 1, tk)[:, :, 0]
+  vg = _kv_groups(_f32(v), lay, h, 1, tk)[:, :, 0]
+  allowed = _dense_allowed(bm, b, lay.hm, tq, tk)
+  allowed = None if allowed is None else allowed[:, :, None, None]  # [B, Hm, 1, 1, Tq, Tk]
+  s, raw = _scores(qg, kg, cfg, lay.gp)
+  if allowed is not None:
+    s = jnp.where(allowed, s, -jnp.inf)
+  if bwd is None:
+    m = _safe(jnp.max(s, axis=-1))
+    p = jnp.exp(s - m[..., None])
+    den = jnp.sum(p, axis=-1)
+    o = _pv(p, vg) / _merge(jnp.where(den == 0, 1.0, den)[..., None])
+    lse = jnp.where(den == 0, -jnp.inf, m + jnp.log(den))  # [B, Hm, Hkm, Gp, Tq]
+    o = _from_groups(o[:, :, None], lay, lay.gp, tq).astype(q.dtype)
+    return o, _lse_to_bht(lse[:, :, None], tq)
+  o, lse, do = bwd
+  dog = _to_groups(_f32(do), lay, lay.gp, 1, tq)[:, :, 0]
+  og = _to_groups(_f32(o), lay, lay.gp, 1, tq)[:, :, 0]
+  lse_g = _lse_from_bht(lse, lay, 1, tq)[:, :, 0]
+  delta = jnp.sum(_split(og * dog, lay.gp), axis=-1)
+  p = jnp.exp(s - _safe(lse_g)[..., None])
+  dv = jnp.einsum("...hgqk,...hgqd->...hkd", p, _split(dog, lay.gp))
+  dp = jnp.einsum("...hgqd,...hkd->...hgqk", _split(dog, lay.gp), vg)
+  ds = _grad_scores(p * (dp - delta[..., None]), raw, cfg)
+  dq = jnp.einsum("...hgqk,...hkd->...hgqd", ds, kg)
+  dk = jnp.einsum("...hgqk,...hgqd->...hkd", ds, _split(qg, lay.gp))
+  dq = _from_groups(_merge(dq)[:, :, None], lay, lay.gp, tq)
+  return dq, _kv_grad(dk[:, :, None], lay, hk, tk), _kv_grad(dv[:, :, None], lay, hk, tk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse: flat list of non-empty block pairs
+
+
+def _pairs(bm: BlockMask):
+  """rows, cols, full, valid [Bm, Hm, C] from the kv lists (sorted by row)."""
+  c = bm.max_pairs
+  n_p, n_f = bm.kv_num_blocks, bm.full_kv_num_blocks
+  ends = jnp.cumsum(n_p + n_f, axis=-1)
+  p = jnp.arange(c, dtype=jnp.int32)
+  row = jnp.sum(ends[..., None, :] <= p[:, None], axis=-1, dtype=jnp.int32)
+  valid = row < ends.shape[-1]
+  row = jnp.minimum(row, ends.shape[-1] - 1)
+  j = p - jnp.take_along_axis(ends - n_p - n_f, row, axis=-1)
+  np_row = jnp.take_along_axis(n_p, row, axis=-1)
+  full = j >= np_row
+  length = bm.kv_indices.shape[-1]
+
+  def col_at(indices, jj):  # indices [Bm, Hm, nq, L] at (row, jj)
+    flat = indices.reshape(indices.shape[:2] + (-1,))
+    return jnp.take_along_axis(flat, row * length + jnp.clip(jj, 0, length - 1), axis=-1)
+
+  col_p, col_f = col_at(bm.kv_indices, j), col_at(bm.full_kv_indices, j - np_row)
+  return row, jnp.where(full, col_f, col_p), full & valid, valid
+
+
+def _pair_mask(mask, q_tok, kv_tok, qi, ki, full, valid, q_len, kv_len):
+  """bool [N, bq, bk]: valid & (full | allowed) per pair.
+
+  q_tok [nr, M, Tqp], kv_tok [nr, M, Tkp] (M = batch x mask heads); qi, ki: (m, slot) index
+  pairs [N, bq] / [N, bk] into them.
+  """
+  (qm, q_slot), (km, kv_slot) = qi, ki
+  q_rows = [q_tok[r][qm, q_slot][:, :, None] for r in range(q_tok.shape[0])]
+  kv_rows = [kv_tok[r][km, kv_slot][:, None, :] for r in range(kv_tok.shape[0])]
+  allowed = M.eval_rows(mask, q_rows, kv_rows)
+  allowed = allowed & (q_slot < q_len)[:, :, None] & (kv_slot < kv_len)[:, None, :]
+  return valid[:, None, None] & (full[:, None, None] | allowed)
+
+
+def _sparse(q, k, v, bwd, bm, cfg):
+  """Pairs of all [batch, mask head] slices in one flat list of N = B * Hm * C entries."""
+  b, tq, h, _ = q.shape
+  tk, hk = k.shape[1], k.shape[2]
+  lay = _layout(bm, h, hk)
+  bq, bk, nq, nk = bm.block_q, bm.block_kv, bm.num_q_blocks, bm.num_kv_blocks
+  gp, nm = lay.gp, b * lay.hm
+
+  def flat(x):  # [B, Hm, n, ...] -> [B * Hm * n, ...]
+    return x.reshape((-1,) + x.shape[3:])
+
+  def unflat(x):
+    return x.reshape((b, lay.hm, -1) + x.shape[1:])
+
+  def tok(t):  # [B, Hm, nr, T] -> [nr, B * Hm, T]
+    return jnp.moveaxis(t.reshape((nm,) + t.shape[2:]), 1, 0)
+
+  def seg(x, ids, n, sorted_=False):
+    return jax.ops.segment_sum(x, ids, n, indices_are_sorted=sorted_)
+
+  qg = flat(_to_groups(_f32(q), lay, gp, nq, bq))  # [B*Hm*nq, Hkm, Gp*bq, D]
+  kg = flat(_kv_groups(_f32(k), lay, h, nk, bk))  # [B*Hm*nk, Hkm, bk, D]
+  vg = flat(_kv_groups(_f32(v), lay, h, nk, bk))
+  row, col, full, valid = (_bcast(x, b, lay.hm).reshape(nm, -1) for x in _pairs(bm))
+  m_idx = jnp.arange(nm, dtype=jnp.int32)[:, None]
+  rows = (row + m_idx * nq).reshape(-1)  # sorted: slices in order, rows sorted within each
+  cols = (col + m_idx * nk).reshape(-1)
+  full, valid = full.reshape(-1), valid.reshape(-1)
+  q_tok, kv_tok = bm.tokens(lay.hm if bm.kv_perm is not None else None)
+  q_tok = jnp.broadcast_to(q_tok[:, None], (b, lay.hm) + q_tok.shape[1:])
+  kv_tok = _bcast(kv_tok, b, lay.hm)
+  pair_m = jnp.repeat(m_idx[:, 0], row.shape[1])
+  qi = (pair_m[:, None], (rows % nq)[:, None] * bq + jnp.arange(bq))
+  ki = (pair_m[:, None], (cols % nk)[:, None] * bk + jnp.arange(bk))
+  allowed = _pair_mask(bm.mask, tok(q_tok), tok(kv_tok), qi, ki, full, valid, bm.q_len,
+                       bm.kv_len)[:, None, None]  # [N, 1, 1, bq, bk]
+  n_rows, n_cols = nm * nq, nm * nk
+  s, raw = _scores(qg[rows], kg[cols], cfg, gp)  # [N, Hkm, Gp, bq, bk]
+  if bwd is None:
+    s = jnp.where(allowed, s, -jnp.inf)
+    m = _safe(jax.ops.segment_max(jnp.max(s, axis=-1), rows, n_rows, indices_are_sorted=True))
+    p = jnp.exp(s - m[rows][..., None])
+    den = seg(jnp.sum(p, axis=-1), rows, n_rows, True)
+    o = seg(_pv(p, vg[cols]), rows, n_rows, True) / _merge(
+        jnp.where(den == 0, 1.0, den)[..., None])
+    lse = jnp.where(den == 0, -jnp.inf, m + jnp.log(den))
+    return _from_groups(unflat(o), lay, gp, tq).astype(q.dtype), _lse_to_bht(unflat(lse), tq)
+  o, lse, do = bwd
+  og = flat(_to_groups(_f32(o), lay, gp, nq, bq))
+  dog = flat(_to_groups(_f32(do), lay, gp, nq, bq))
+  lse_g = flat(_lse_from_bht(lse, lay, nq, bq))  # [B*Hm*nq, Hkm, Gp, bq]
+  delta = jnp.sum(_split(og * dog, gp), axis=-1)
+  dor = _split(dog[rows], gp)
+  p = jnp.where(allowed, jnp.exp(s - _safe(lse_g)[rows][..., None]), 0.0)
+  dv = seg(jnp.einsum("nhgqk,nhgqd->nhkd", p, dor), cols, n_cols)
+  dp = jnp.einsum("nhgqd,nhkd->nhgqk", dor, vg[cols])
+  ds = _grad_scores(p * (dp - delta[rows][..., None]), raw, cfg)
+  dq = seg(_merge(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kg[cols])), rows, n_rows, True)
+  dk = seg(jnp.einsum("nhgqk,nhgqd->nhkd", ds, _split(qg[rows], gp)), cols, n_cols)
+  return (_from_groups(unflat(dq), lay, gp, tq), _kv_grad(unflat(dk), lay, hk, tk),
+          _kv_grad(unflat(dv), lay, hk, tk))
