@@ -31,7 +31,7 @@ def test_rotary_matches_complex_rotation():
 
 @pytest.mark.parametrize("impl", ["auto", "dense_jax"])
 def test_gpt_documents_are_independent(impl):
-  cfg = GPTConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32",
+  cfg = GPTConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32",
                   attention_impl=impl, attention_block=8)
   model = GPT(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
@@ -45,7 +45,7 @@ def test_gpt_documents_are_independent(impl):
   # Causality: changing a later token leaves earlier logits unchanged.
   changed = model.apply(params, tokens.at[1, 20].set((tokens[1, 20] + 1) % 256), segs)
   np.testing.assert_array_equal(np.asarray(changed[1, :20]), np.asarray(logits[1, :20]))
-  shapes = jax.tree.map(lambda x: x.shape, params["params"]["layer_0"]["attn"])
+  shapes = jax.tree.map(lambda x: x.shape, params["params"]["layer_0"]["attn"])  # GQA: 4 q, 2 kv heads
   assert shapes["key"]["kernel"] == (32, 2, 8) and shapes["query"]["kernel"] == (32, 4, 8)
 
 
