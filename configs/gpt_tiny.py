@@ -2,8 +2,9 @@
 
 Command:  python -m mpxla.train --config=configs/gpt_tiny.py --workdir=workdirs/gpt_tiny
           (or `bash launch/local.sh`; variants: configs/gpt_tiny.py:coat, :fp8_linear, :hif8)
-Hardware: 2 CPU cores, about 5 minutes.
-Expected: validation loss (nats per byte) ~2.0 after 300 steps with recipe bf16 (see docs/train.md).
+Hardware: 2 CPU cores, about 2 minutes (85 s of training, ~8000 tokens/s).
+Expected (recipe bf16, seed 0): validation loss 2.15 nats/byte after 300 steps (train 1.96);
+see docs/train.md.
 """
 
 import ml_collections
