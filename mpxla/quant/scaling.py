@@ -44,10 +44,12 @@ def amax(
     *,
     axis_name: str | Sequence[str] | None = None,
 ) -> jax.Array:
-  """Max |x| per block, float32 of the scales' shape (NaN if a block has NaN)."""
+  """Max |x| per block, float32 of the scales' shape (inf if the block holds inf or NaN)."""
   g = as_granularity(granularity)
   # An amax sets a scale; it carries no gradient (and pmax has no differentiation rule).
-  xb = to_blocks(jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32), g)
+  x = jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)
+  # NaN counts as inf: XLA:CPU's vectorized max may drop a NaN, never an inf.
+  xb = to_blocks(jnp.where(jnp.isnan(x), jnp.inf, x), g)
   a = jnp.max(xb, axis=block_axes(x.ndim)).reshape(scale_shape(x.shape, g))
   if axis_name is not None:
     if not isinstance(g, PerTensor):

@@ -34,6 +34,7 @@ from mpxla.train import checkpoint, monitor, recipes
 from mpxla.train.config import to_json
 from mpxla.train.tasks import make_task
 
+
 class NonFiniteLoss(RuntimeError):
   """The training loss became NaN or inf."""
 

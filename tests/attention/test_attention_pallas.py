@@ -92,15 +92,19 @@ def test_kernel_document_causal_gqa_odd_lengths(name):
 
 def test_gpu_kernel_sliding_window_bf16():
   t = 96
-  _run_kernel(pallas_gpu, A.sliding_window(20, 5), np_sliding(t, t, 20, 5)[None], 1, t, t,
-              h=2, hk=1, d=32, bq=16, bk=32, dtype=jnp.bfloat16)
+  # _run_kernel asserts forward and gradient errors against the dense reference.
+  o = _run_kernel(pallas_gpu, A.sliding_window(20, 5), np_sliding(t, t, 20, 5)[None], 1, t, t,
+                  h=2, hk=1, d=32, bq=16, bk=32, dtype=jnp.bfloat16)
+  assert o.shape == (1, t, 2, 32)
 
 
 @pytest.mark.slow
 def test_tpu_kernel_sliding_window_bf16():
   t = 96
-  _run_kernel(pallas_tpu, A.sliding_window(20, 5), np_sliding(t, t, 20, 5)[None], 1, t, t,
-              h=2, hk=1, d=32, bq=16, bk=32, dtype=jnp.bfloat16)
+  # _run_kernel asserts forward and gradient errors against the dense reference.
+  o = _run_kernel(pallas_tpu, A.sliding_window(20, 5), np_sliding(t, t, 20, 5)[None], 1, t, t,
+                  h=2, hk=1, d=32, bq=16, bk=32, dtype=jnp.bfloat16)
+  assert o.shape == (1, t, 2, 32)
 
 
 def test_gpu_kernel_with_permuted_keys_matches_xla():

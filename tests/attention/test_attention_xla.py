@@ -117,7 +117,8 @@ def test_xla_matches_dense_reference_f32(name):
                                   pytest.param("sliding_q_ne_kv", marks=pytest.mark.slow)])
 def test_xla_matches_dense_reference_bf16(name):
   mask, allowed, tq, tk = _case(name)
-  _compare(mask, allowed, tq, tk, dtype=jnp.bfloat16)
+  o = _compare(mask, allowed, tq, tk, dtype=jnp.bfloat16)  # asserts errors vs the reference
+  assert o.shape[1] == tq
 
 
 def test_dense_mode_and_capacity_fallback():

@@ -123,6 +123,15 @@ def test_nonfinite_input_marks_only_its_block():
   np.testing.assert_array_equal(d[1, :16], 1.0)
 
 
+@pytest.mark.parametrize("shape", [(64, 208), (1, 4096)])
+def test_one_nan_in_a_large_tensor_shows(shape):
+  x = jnp.ones(shape).at[shape[0] // 2, 77].set(jnp.nan)
+  assert float(quant.amax(x)) == np.inf
+  q = quant.quantize(x, "e4m3", "tensor")
+  assert not bool(q.all_finite())
+  assert np.isnan(np.asarray(quant.dequantize(q))).all()
+
+
 def test_bad_input_errors():
   with pytest.raises(TypeError, match="floating-point"):
     quant.quantize(jnp.arange(8), "e4m3")

@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from mpxla.train.monitor import read_metrics
 from mpxla.train.trainer import Trainer

@@ -1,0 +1,428 @@
+"""FP8 matmul: `dot_general` / `einsum` with E4M3 inputs, E5M2 gradients and a custom VJP.
+
+    y = fp8_dot_general(x, w, (((1,), (0,)), ((), ())))        # x [M, K] @ w [K, N]
+
+Forward: x and w are quantized to E4M3 (`DotConfig.fwd_fmt`), the dot runs on the FP8 codes
+with float32 accumulation (`preferred_element_type=float32`) and the scales are applied to
+the float32 result, which is returned in the compute dtype (`preferred_element_type`, else
+the inputs' promoted dtype). The custom VJP saves the FP8 codes and scales, never x or w.
+
+Backward: the output gradient g is quantized to E5M2 (`bwd_fmt`); dx = g . w^T and
+dw = x^T . g run on FP8 codes (E5M2 x E4M3) with float32 accumulation.
+
+Scaling (`DotConfig.scaling`), per layer:
+
+  'tensor'   per-tensor just-in-time: the scale of x, w and g comes from their current amax
+             (COAT's default).
+  'delayed'  per-tensor delayed: the amax is the max of a history of past amaxes (as in
+             TransformerEngine and Flax); pass `state=init_delayed_state(config)`. The
+             updated histories come back as the *gradient* of `state` (see `mpxla.nn.delayed`).
+  'block'    DeepSeek-V3 blockwise: x in 1 x 128 groups along the contraction, w in
+             128 x 128 tiles; g in 1 x 128 groups for dx; for dw, x (dequantized from its
+             saved codes) and g are requantized in 128 x 1 groups along the tokens. Scales
+             that vary along the contraction cannot be factored out of the dot, so the
+             contraction runs as a `lax.scan` over its 128-wide blocks, each an FP8 dot whose
+             float32 partial sum is scaled and accumulated (memory: one output, not one per block).
+
+Global amax: under `jax.jit` the amax of a sharded array is already global. Inside
+`shard_map` set `DotConfig.axis_name` (per-tensor scaling) to take a `pmax` over devices.
+An inf or NaN input gives a NaN scale, so the output (or the gradient) is NaN: it shows.
+
+Operand roles: `lhs` is the activation and `rhs` the weight (this only matters for 'block').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpxla import formats, quant
+from mpxla.nn import flow
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+SCALINGS = ("tensor", "delayed", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class DotConfig:
+  """How one matmul is quantized.
+
+  Attributes:
+    scaling: 'tensor' (just-in-time), 'delayed' (amax history) or 'block' (1x128 / 128x128).
+    fwd_fmt: format of x and w in the forward pass (E4M3).
+    bwd_fmt: format of the output gradient in the backward pass (E5M2).
+    margin: headroom in powers of two (s = amax * 2^margin / fmt.max).
+    history: length of the amax history ('delayed').
+    block: group/tile size ('block').
+    axis_name: mesh axes for a global per-tensor amax inside `shard_map`.
+  """
+
+  scaling: str = "tensor"
+  fwd_fmt: str = "e4m3"
+  bwd_fmt: str = "e5m2"
+  margin: float = 0.0
+  history: int = 16
+  block: int = 128
+  axis_name: str | tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    if self.scaling not in SCALINGS:
+      raise ValueError(f"scaling={self.scaling!r}; use one of {SCALINGS}.")
+    for name in ("fwd_fmt", "bwd_fmt"):
+      fmt = formats.get_format(getattr(self, name))
+      if not fmt.is_float8:
+        raise ValueError(
+            f"{name}={fmt.name!r}: FP8 matmuls need a float8 storage dtype (e4m3 or e5m2); "
+            "HiF8 is for saved activations (Recipe.activations='hif8').")
+    if self.history < 1 or self.block < 1:
+      raise ValueError(f"history={self.history} and block={self.block} must be >= 1.")
+    if self.axis_name is not None and self.scaling == "block":
+      raise ValueError("axis_name applies to per-tensor scaling; 'block' scales are local.")
+    if isinstance(self.axis_name, list):
+      object.__setattr__(self, "axis_name", tuple(self.axis_name))
+
+
+def init_delayed_state(config: DotConfig) -> dict[str, jax.Array]:
+  """Zero amax histories of x ('lhs'), w ('rhs') and the output gradient ('grad')."""
+  return {k: quant.init_amax_history(config.history) for k in ("lhs", "rhs", "grad")}
+
+
+# Transposes of dot_general (as in JAX's own transpose rules), for the backward pass.
+
+
+def _ranges_like(*xs):
+  start = 0
+  for x in xs:
+    yield tuple(range(start, start + len(x)))
+    start += len(x)
+
+
+def _remaining(n, *removed):
+  gone = {i for r in removed for i in r}
+  return [i for i in range(n) if i not in gone]
+
+
+def _transpose_lhs(g, y, dn, x_ndim, swap_ans=False):
+  """d lhs of dot_general(x, y, dn) given the output cotangent g (float32 result)."""
+  (x_contract, y_contract), (x_batch, y_batch) = dn
+  x_kept = _remaining(x_ndim, x_contract, x_batch)
+  y_kept = _remaining(y.ndim, y_contract, y_batch)
+  if swap_ans:
+    ans_batch, ans_y, _ = _ranges_like(x_batch, y_kept, x_kept)
+  else:
+    ans_batch, _, ans_y = _ranges_like(x_batch, x_kept, y_kept)
+  dims = ((ans_y, tuple(y_kept)), (ans_batch, tuple(y_batch)))
+  x_contract_sorted_by_y = list(np.take(x_contract, np.argsort(y_contract)).astype(int))
+  out_axes = np.argsort(list(x_batch) + x_kept + x_contract_sorted_by_y)
+  out = jax.lax.dot_general(g, y, dims, preferred_element_type=jnp.float32)
+  return jax.lax.transpose(out, tuple(int(a) for a in out_axes))
+
+
+def _transpose_rhs(g, x, dn, y_ndim):
+  (x_contract, y_contract), (x_batch, y_batch) = dn
+  swapped = ((y_contract, x_contract), (y_batch, x_batch))
+  return _transpose_lhs(g, x, swapped, y_ndim, swap_ans=True)
+
+
+# Per-tensor scaling ('tensor' and 'delayed').
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  dn: tuple
+  config: DotConfig
+  out_dtype: Any
+  lhs_dtype: Any
+  rhs_dtype: Any
+  lhs_ndim: int
+  rhs_ndim: int
+
+
+def _quantize_tensor(x, fmt, config: DotConfig, history=None):
+  """(per-tensor QTensor of x, x's current amax). With an amax `history` (delayed scaling) the
+  scale comes from its max, or from the current amax while the history is all zero."""
+  x = jax.lax.stop_gradient(x)
+  current = flow.amax(x, "tensor", config.axis_name)
+  a = current
+  if history is not None:
+    past = quant.amax_from_history(history)
+    a = jnp.where(past > 0, past, current)
+  return flow.quantize_tensor_with_amax(x, fmt, a, config.margin), current
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tensor_dot(spec: _Spec, lhs, rhs, lq, rq, state, amaxes):
+  return _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes)[0]
+
+
+def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes):
+  out = jax.lax.dot_general(lq.codes, rq.codes, spec.dn, preferred_element_type=jnp.float32)
+  out = (out * (lq.scales * rq.scales)).astype(spec.out_dtype)
+  return out, (lq, rq, state, amaxes)
+
+
+def _after(bad, q):
+  """q with codes that depend on `bad` (is the gradient's scale NaN; the result is NaN then
+  anyway and the codes are zeroed). Otherwise XLA may share the forward's upcast of the codes
+  with the backward and keep that float32 copy alive between the passes instead of the codes
+  (on CPU, which upcasts FP8 dot operands; `optimization_barrier` does not survive there)."""
+  codes = jnp.where(bad, jnp.zeros((), q.codes.dtype), q.codes)
+  return dataclasses.replace(q, codes=codes)
+
+
+def _tensor_dot_bwd(spec, res, g):
+  lq, rq, state, amaxes = res
+  c = spec.config
+  gq, g_amax = _quantize_tensor(g, c.bwd_fmt, c, None if state is None else state["grad"])
+  bad = jnp.isnan(gq.scales)
+  lq, rq = _after(bad, lq), _after(bad, rq)
+  dlhs = _transpose_lhs(gq.codes, rq.codes, spec.dn, spec.lhs_ndim) * (gq.scales * rq.scales)
+  drhs = _transpose_rhs(gq.codes, lq.codes, spec.dn, spec.rhs_ndim) * (gq.scales * lq.scales)
+  if state is None:
+    new_state = None
+  else:  # Overwrite-with-gradient: the "gradient" of the histories is their next value.
+    new_state = {
+        "lhs": quant.update_amax_history(state["lhs"], amaxes[0]),
+        "rhs": quant.update_amax_history(state["rhs"], amaxes[1]),
+        "grad": quant.update_amax_history(state["grad"], g_amax),
+    }
+  return (dlhs.astype(spec.lhs_dtype), drhs.astype(spec.rhs_dtype), flow.zero_cotangent(lq),
+          flow.zero_cotangent(rq), new_state, flow.zero_cotangent(amaxes))
+
+
+_tensor_dot.defvjp(_tensor_dot_fwd, _tensor_dot_bwd)
+
+
+# Blockwise scaling ('block'): canonical [B, M, K] x [B, K, N] form.
+
+
+def _to_3d(x, batch, first, second):
+  """Transposes x to batch + first + second axes and merges each group: [B, F, S]."""
+  xt = jax.lax.transpose(x, tuple(batch) + tuple(first) + tuple(second))
+  size = lambda axes: math.prod(x.shape[a] for a in axes)  # noqa: E731
+  return xt.reshape(size(batch), size(first), size(second))
+
+
+def _grouped_dot(a, sa, b, sb, group: int):
+  """sum_k a[B,M,K] b[B,K,N] with per-K-group scales sa [B,M,nK], sb [B,nK,N] -> float32 [B,M,N].
+
+  One FP8 dot per K-group (a `lax.scan`), each scaled by sa x sb and accumulated in float32.
+  """
+  B, M, K = a.shape
+  N = b.shape[2]
+  nk = math.ceil(K / group)
+  if nk * group != K:
+    a = jax.lax.pad(a, jnp.zeros((), a.dtype), [(0, 0, 0), (0, 0, 0), (0, nk * group - K, 0)])
+    b = jax.lax.pad(b, jnp.zeros((), b.dtype), [(0, 0, 0), (0, nk * group - K, 0), (0, 0, 0)])
+  a_k = jnp.moveaxis(a.reshape(B, M, nk, group), 2, 0)  # [nK, B, M, G]
+  b_k = jnp.moveaxis(b.reshape(B, nk, group, N), 1, 0)  # [nK, B, G, N]
+  sa_k = jnp.moveaxis(sa, 2, 0)  # [nK, B, M]
+  sb_k = jnp.moveaxis(sb, 1, 0)  # [nK, B, N]
+  dims = (((2,), (1,)), ((0,), (0,)))
+
+  def step(acc, xs):
+    ak, bk, sak, sbk = xs
+    part = jax.lax.dot_general(ak, bk, dims, preferred_element_type=jnp.float32)
+    return acc + part * sak[:, :, None] * sbk[:, None, :], None
+
+  acc, _ = jax.lax.scan(step, jnp.zeros((B, M, N), jnp.float32), (a_k, b_k, sa_k, sb_k))
+  return acc
+
+
+def _repeat_to(s, axis, size, block):
+  """Expands per-block scales along `axis` to one scale per element (`size` of them)."""
+  s = jnp.repeat(s, block, axis=axis)
+  return jax.lax.slice_in_dim(s, 0, size, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSpec:
+  config: DotConfig
+  out_dtype: Any
+  lhs_dtype: Any
+  rhs_dtype: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_dot(spec: _BlockSpec, lhs3, rhs3, lq, rq):
+  return _block_dot_fwd(spec, lhs3, rhs3, lq, rq)[0]
+
+
+def _block_dot_fwd(spec, lhs3, rhs3, lq, rq):
+  bs = spec.config.block
+  n = rhs3.shape[2]
+  out = _grouped_dot(lq.codes, lq.scales, rq.codes, _repeat_to(rq.scales, 2, n, bs), bs)
+  return out.astype(spec.out_dtype), (lq, rq)
+
+
+def _block_dot_bwd(spec, res, g3):
+  lq, rq = res
+  c, bs = spec.config, spec.config.block
+  K = lq.codes.shape[2]
+  # dx = g . w^T: g in 1 x bs groups along N; w's bs x bs tiles serve transposed.
+  gq = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=-1))
+  bad = jnp.any(jnp.isnan(gq.scales))
+  lq, rq = _after(bad, lq), _after(bad, rq)
+  w_t = jnp.swapaxes(rq.codes, 1, 2)  # [B, N, K]
+  sw_t = _repeat_to(jnp.swapaxes(rq.scales, 1, 2), 2, K, bs)  # [B, nN, K]
+  dlhs = _grouped_dot(gq.codes, gq.scales, w_t, sw_t, bs)
+  # dw = x^T . g: both in bs x 1 groups along the tokens M (x requantized from its codes).
+  x_hat = quant.dequantize(lq, jnp.float32)
+  xq = quant.quantize(x_hat, c.fwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, K]
+  gq_m = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, N]
+  drhs = _grouped_dot(jnp.swapaxes(xq.codes, 1, 2), jnp.swapaxes(xq.scales, 1, 2),
+                      gq_m.codes, gq_m.scales, bs)
+  return (dlhs.astype(spec.lhs_dtype), drhs.astype(spec.rhs_dtype), flow.zero_cotangent(lq),
+          flow.zero_cotangent(rq))
+
+
+_block_dot.defvjp(_block_dot_fwd, _block_dot_bwd)
+
+
+def _block_dot_general(lhs, rhs, dn, config: DotConfig, out_dtype):
+  (lc, rc), (lb, rb) = dn
+  l_free, r_free = _remaining(lhs.ndim, lb, lc), _remaining(rhs.ndim, rb, rc)
+  lhs3 = _to_3d(lhs, lb, l_free, lc)  # [B, M, K]
+  rhs3 = _to_3d(rhs, rb, rc, r_free)  # [B, K, N]
+  bs = config.block
+  lq = flow.residual(quant.quantize(jax.lax.stop_gradient(lhs3), config.fwd_fmt,
+                                    quant.PerGroup(bs)))
+  rq = flow.residual(quant.quantize(jax.lax.stop_gradient(rhs3), config.fwd_fmt,
+                                    quant.PerBlock((bs, bs))))
+  spec = _BlockSpec(config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype))
+  lhs3, rhs3 = flow.match_varying(lhs3, rhs3)
+  out3 = _block_dot(spec, lhs3, rhs3, lq, rq)
+  # dot_general's output order: batch, lhs free, rhs free.
+  return out3.reshape([lhs.shape[i] for i in (*lb, *l_free)] + [rhs.shape[i] for i in r_free])
+
+
+def fp8_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: DimensionNumbers,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+    *,
+    config: DotConfig = DotConfig(),
+    state: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+  """`jax.lax.dot_general` on FP8 codes with a custom VJP (see the module docstring).
+
+  Args:
+    lhs: activation (any float dtype); rhs: weight.
+    dimension_numbers: as in `jax.lax.dot_general`.
+    precision: ignored (the operands are FP8); accepted for drop-in use.
+    preferred_element_type: output dtype (default: the promoted dtype of lhs and rhs).
+    out_sharding: accepted for drop-in use (Flax passes None); the result follows jit's
+      sharding propagation.
+    config: the `DotConfig`.
+    state: 'delayed' only: `{'lhs', 'rhs', 'grad'}` amax histories; the gradient with
+      respect to `state` is the updated state.
+  """
+  del precision, out_sharding
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  for name, a in (("lhs", lhs), ("rhs", rhs)):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise TypeError(f"fp8_dot_general needs floating {name}, got {a.dtype}.")
+  out_dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else (
+      preferred_element_type)
+  (lc, rc), (lb, rb) = dimension_numbers
+  dn = ((tuple(int(i) for i in lc), tuple(int(i) for i in rc)),
+        (tuple(int(i) for i in lb), tuple(int(i) for i in rb)))
+  if config.scaling == "block":
+    if state is not None:
+      raise ValueError("state= is for scaling='delayed'; 'block' scaling keeps no state.")
+    return _block_dot_general(lhs, rhs, dn, config, out_dtype)
+  if config.scaling == "delayed":
+    if state is None:
+      raise ValueError(
+          "scaling='delayed' needs state=init_delayed_state(config) (amax histories); the "
+          "gradient with respect to state is its next value (see mpxla.nn.delayed).")
+    state = {k: jnp.asarray(state[k], jnp.float32) for k in ("lhs", "rhs", "grad")}
+    lq, lhs_amax = _quantize_tensor(lhs, config.fwd_fmt, config, state["lhs"])
+    rq, rhs_amax = _quantize_tensor(rhs, config.fwd_fmt, config, state["rhs"])
+    lq, rq, amaxes = flow.residual(lq), flow.residual(rq), flow.tag((lhs_amax, rhs_amax))
+  else:
+    if state is not None:
+      raise ValueError("state= is for scaling='delayed'; 'tensor' scaling keeps no state.")
+    amaxes = None
+    lq = flow.quantize_once(lhs, config.fwd_fmt, "tensor", margin=config.margin,
+                            axis_name=config.axis_name)
+    rq = flow.quantize_once(rhs, config.fwd_fmt, "tensor", margin=config.margin,
+                            axis_name=config.axis_name)
+  spec = _Spec(dn, config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype),
+               lhs.ndim, rhs.ndim)
+  lhs, rhs = flow.match_varying(lhs, rhs)
+  if state is not None and flow.varying_axes(lhs) - flow.varying_axes(state["lhs"]) and (
+      config.axis_name is None):
+    raise ValueError(
+        "scaling='delayed' inside shard_map needs DotConfig(axis_name=...) so that every "
+        "device computes the same global amaxes (the state is the same on every device).")
+  return _tensor_dot(spec, lhs, rhs, lq, rq, state, amaxes)
+
+
+def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+  """(dimension_numbers, output permutation) of a two-operand einsum as one dot_general.
+
+  Supports explicit outputs ('...->...'), ellipses, batch, contracted and free indices; an
+  index that appears in one operand only and not in the output (a plain sum) is refused.
+  """
+  spec = subscripts.replace(" ", "")
+  if "->" not in spec or spec.count(",") != 1:
+    raise ValueError(f"einsum {subscripts!r}: need exactly two operands and an explicit '->'.")
+  ins, out = spec.split("->")
+  lhs_s, rhs_s = ins.split(",")
+  used = set(spec) - set(".,->")
+  free_letters = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                      if c not in used)
+  n_ell = {}
+  for s, nd in ((lhs_s, lhs_ndim), (rhs_s, rhs_ndim)):
+    if "..." in s:
+      n_ell[s] = nd - len(s.replace("...", ""))
+  width = max(n_ell.values(), default=0)
+  ell = "".join(next(free_letters) for _ in range(width))
+  expand = lambda s: s.replace("...", ell[width - n_ell.get(s, 0):])  # noqa: E731
+  lhs_s, rhs_s, out = expand(lhs_s), expand(rhs_s), out.replace("...", ell)
+  if len(lhs_s) != lhs_ndim or len(rhs_s) != rhs_ndim:
+    raise ValueError(f"einsum {subscripts!r} does not match operands of rank {lhs_ndim}, {rhs_ndim}.")
+  for s in (lhs_s, rhs_s, out):
+    if len(set(s)) != len(s):
+      raise ValueError(f"einsum {subscripts!r}: repeated indices within an operand are not supported.")
+  for c in lhs_s + rhs_s:
+    if c not in out and not (c in lhs_s and c in rhs_s):
+      raise ValueError(f"einsum {subscripts!r}: index {c!r} is summed within one operand; "
+                       "sum it before the FP8 einsum.")
+  contract = [c for c in lhs_s if c in rhs_s and c not in out]
+  batch = [c for c in out if c in lhs_s and c in rhs_s]
+  dn = ((tuple(lhs_s.index(c) for c in contract), tuple(rhs_s.index(c) for c in contract)),
+        (tuple(lhs_s.index(c) for c in batch), tuple(rhs_s.index(c) for c in batch)))
+  names = batch + [c for c in lhs_s if c not in contract and c not in batch] + [
+      c for c in rhs_s if c not in contract and c not in batch]
+  return dn, tuple(names.index(c) for c in out)
+
+
+def fp8_einsum(
+    subscripts: str,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    *,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+    config: DotConfig = DotConfig(),
+    state: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+  """Two-operand einsum as one `fp8_dot_general` (lhs: activation, rhs: weight)."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  dn, perm = einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)
+  out = fp8_dot_general(lhs, rhs, dn, precision, preferred_element_type, out_sharding,
+                        config=config, state=state)
+  return out if perm == tuple(range(out.ndim)) else jax.lax.transpose(out, perm)
