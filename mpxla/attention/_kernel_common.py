@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import BlockMask
@@ -79,3 +81,26 @@ def finalize(acc, m, den):
   o = acc / jnp.where(empty, 1.0, den)
   lse = jnp.where(empty, -jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(den))
   return o, lse
+
+
+def differentiable(forward, backward):
+  """attention(q, k, v, bm, cfg) with a custom VJP over a kernel's forward and backward passes.
+
+  Saves q, k, v, the output and lse (never the probabilities); the BlockMask gets no gradient.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def attention(q, k, v, bm, cfg):
+    return forward(q, k, v, bm, cfg)[0]
+
+  def fwd(q, k, v, bm, cfg):
+    o, lse = forward(q, k, v, bm, cfg)[:2]
+    return o, (q, k, v, o, lse, bm)
+
+  def bwd(cfg, res, do):
+    q, k, v, o, lse, bm = res
+    dq, dk, dv = backward(q, k, v, o, lse, do, bm, cfg)[:3]
+    return dq, dk, dv, jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
+
+  attention.defvjp(fwd, bwd)
+  return attention

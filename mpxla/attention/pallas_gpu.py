@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -40,27 +39,7 @@ def attention(q, k, v, bm: BlockMask, *, scale: float, softcap: float | None = N
               interpret: bool = False) -> jax.Array:
   """Attention [B, Tq, H, D] of q [B, Tq, H, D], k/v [B, Tk, Hk, D] over bm's listed blocks."""
   check_blocks(bm.block_q, bm.block_kv)
-  return _attention(q, k, v, bm, C.Cfg(float(scale), softcap, bool(interpret), False))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, bm, cfg):
-  return forward(q, k, v, bm, cfg)[0]
-
-
-def _attention_fwd(q, k, v, bm, cfg):
-  o, lse = forward(q, k, v, bm, cfg)[:2]
-  return o, (q, k, v, o, lse, bm)
-
-
-def _attention_bwd(cfg, res, do):
-  q, k, v, o, lse, bm = res
-  dq, dk, dv = backward(q, k, v, o, lse, do, bm, cfg)[:3]
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
-  return dq, dk, dv, zeros
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+  return _ATTENTION(q, k, v, bm, C.Cfg(float(scale), softcap, bool(interpret), False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,3 +278,6 @@ def _dkv_kernel(lst_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qt_ref
   dk, dv = jax.lax.fori_loop(0, n_f, functools.partial(body, full=True), carry)
   dk_ref[...] = dk
   dv_ref[...] = dv
+
+
+_ATTENTION = C.differentiable(forward, backward)
