@@ -1,6 +1,7 @@
 """FP8 activations: saved-for-backward bytes, compiled temp bytes and error per recipe.
 
-Command: python experiments/fp8_activations.py            (about 6 minutes on 2 CPU cores)
+Command: python experiments/fp8_activations.py            (4 CPU-minutes; 6 to 17 minutes on
+                                                           2 shared CPU cores)
          python experiments/fp8_activations.py --quick    (smaller shapes, for a smoke run)
 Hardware: any CPU. The script sets XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
 (the memory-minimizing schedule accelerators use) before importing JAX.
@@ -10,8 +11,8 @@ Models, both stock Flax Linen layers wrapped with `mpxla.nn.quantize` (unmodifie
   (b) one Llama block: RMSNorm, q/k/v DenseGeneral + rotary embeddings, causal attention,
       out DenseGeneral, RMSNorm, SwiGLU MLP. Its attention function is injected: the stock
       baseline uses `flax.linen.dot_product_attention` (what users have today; it saves the
-      probabilities), the other rows `mpxla.attention.attention(..., impl='xla')` (flash-style
-      custom VJP saving q, k, v, out, lse).
+      probabilities), the other rows `mpxla.attention.attention(..., impl='xla')` (custom VJP
+      saving q, k, v, out, lse; at this mask density its "dense mode", 128 query rows at a time).
 
 Columns: saved = activation bytes the backward keeps (`saved_residuals`, without arguments and
 without the weight-shaped copies of parameters, which are listed as `weights`); temp = compiled

@@ -12,6 +12,8 @@
 - `permute_kv` / `sparse_attention`: importance-ordered keys within segments and a
   threshold-selected BlockMask (PBS-Attn style).
 - `rotary_embedding`, `Attention` (Linen) and `NnxAttention` (NNX) layers.
+- `RESIDUAL_NAMES`: checkpoint names of the saved output and log-sum-exp, for
+  `jax.checkpoint_policies.save_only_these_names` (the attention forward is then not recomputed).
 """
 
 from mpxla.attention.api import attention
@@ -27,6 +29,7 @@ from mpxla.attention.masks import (
     sliding_window,
 )
 from mpxla.attention.permute import Permuted, permute_kv, sparse_attention
+from mpxla.attention.xla import RESIDUAL_NAMES
 
 __all__ = [
     "Attention",
@@ -34,6 +37,7 @@ __all__ = [
     "Mask",
     "NnxAttention",
     "Permuted",
+    "RESIDUAL_NAMES",
     "attention",
     "causal",
     "chunked",

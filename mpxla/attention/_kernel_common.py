@@ -11,6 +11,7 @@ import numpy as np
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import BlockMask
+from mpxla.attention.xla import name_residuals
 
 
 class Cfg(NamedTuple):
@@ -86,7 +87,8 @@ def finalize(acc, m, den):
 def differentiable(forward, backward):
   """attention(q, k, v, bm, cfg) with a custom VJP over a kernel's forward and backward passes.
 
-  Saves q, k, v, the output and lse (never the probabilities); the BlockMask gets no gradient.
+  Saves q, k, v, the output and lse (never the probabilities; the output and lse carry the
+  checkpoint names `xla.RESIDUAL_NAMES`); the BlockMask gets no gradient.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -94,7 +96,7 @@ def differentiable(forward, backward):
     return forward(q, k, v, bm, cfg)[0]
 
   def fwd(q, k, v, bm, cfg):
-    o, lse = forward(q, k, v, bm, cfg)[:2]
+    o, lse = name_residuals(*forward(q, k, v, bm, cfg)[:2])
     return o, (q, k, v, o, lse, bm)
 
   def bwd(cfg, res, do):

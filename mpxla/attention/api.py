@@ -28,7 +28,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: M.Mask | BlockM
     impl: 'xla' (gathered blocks; CPU path and fallback), 'pallas_gpu', 'pallas_tpu',
       'reference' (dense), or 'auto': the Pallas kernel of the default backend on GPU/TPU,
       'xla' elsewhere (which computes densely when the mask's block density is high).
-    block_q, block_kv: block sizes when `mask` is not already a BlockMask.
+    block_q, block_kv: block sizes when `mask` is not already a BlockMask; the XLA path's
+      dense mode handles block_q query rows at a time (also with mask=None).
     max_pairs: XLA-path capacity (see `make_block_mask`).
     interpret: run the Pallas kernels in interpret mode (CPU).
 
@@ -49,7 +50,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: M.Mask | BlockM
       _check_mask(mask, b, tq, tk)
     return reference.attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
   if impl == "xla" and mask is None:
-    return xla.attention(q, k, v, None, scale=scale, softcap=softcap)
+    return xla.attention(q, k, v, None, scale=scale, softcap=softcap, block_q=block_q)
   bq, bk = (mask.block_q, mask.block_kv) if isinstance(mask, BlockMask) else (block_q, block_kv)
   if impl == "pallas_gpu":
     pallas_gpu.check_blocks(bq, bk)

@@ -8,7 +8,9 @@ of static capacity `bm.max_pairs` per [batch, mask head]; per pair
     o = segment_sum(p @ v_blk) / segment_sum(rowsum(p)),  lse = m + log(l)
 
 so the work grows with the number of non-empty blocks. When the capacity covers most pairs
-(> DENSE_THRESHOLD) the same math runs on the whole [q_len, kv_len] score matrix instead.
+(> DENSE_THRESHOLD) the same math runs against all keys instead ("dense mode"), one chunk of
+block_q query rows at a time (a `lax.scan`: the float32 scores of one [block_q, kv_len] strip
+per batch and head exist at once, in the backward pass too).
 Fully masked rows give output 0 and lse = -inf.
 
 The custom VJP saves only q, k, v, the output and lse (plus the mask's int32 arrays) and
@@ -28,20 +30,40 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import DENSE_THRESHOLD, BlockMask
+
+# Checkpoint names of the saved output and log-sum-exp (every implementation's custom VJP):
+# under `jax.checkpoint(policy=save_only_these_names(*RESIDUAL_NAMES, ...))` they are kept
+# and the attention forward is not recomputed in the backward pass (q, k, v may be).
+OUT_NAME = "mpxla_attention_out"
+LSE_NAME = "mpxla_attention_lse"
+RESIDUAL_NAMES = (OUT_NAME, LSE_NAME)
+
+
+def name_residuals(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(o, lse) tagged with `RESIDUAL_NAMES` (a no-op outside `jax.checkpoint`)."""
+  return checkpoint_name(o, OUT_NAME), checkpoint_name(lse, LSE_NAME)
 
 
 class _Cfg(NamedTuple):
   scale: float
   softcap: float | None
+  chunk: int  # dense mode without a BlockMask: query rows per chunk
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask | None, *,
-              scale: float, softcap: float | None = None) -> jax.Array:
-  """Attention [B, Tq, H, D] over q [B, Tq, H, D], k/v [B, Tk, Hk, D] with the XLA path."""
-  return _attention(q, k, v, bm, _Cfg(float(scale), None if softcap is None else float(softcap)))
+              scale: float, softcap: float | None = None, block_q: int = 128) -> jax.Array:
+  """Attention [B, Tq, H, D] over q [B, Tq, H, D], k/v [B, Tk, Hk, D] with the XLA path.
+
+  block_q: query rows per chunk in dense mode when there is no BlockMask (else its block_q).
+  """
+  if not (isinstance(block_q, int | np.integer) and block_q >= 1):
+    raise ValueError(f"block_q must be a positive int, got {block_q!r}")
+  cfg = _Cfg(float(scale), None if softcap is None else float(softcap), int(block_q))
+  return _attention(q, k, v, bm, cfg)
 
 
 def mode(bm: BlockMask | None) -> str:
@@ -58,12 +80,25 @@ def _attention(q, k, v, bm, cfg):
 
 
 def _attention_fwd(q, k, v, bm, cfg):
-  o, lse = _forward(q, k, v, bm, cfg)
+  o, lse = name_residuals(*_forward(q, k, v, bm, cfg))
   return o, (q, k, v, o, lse, bm)
+
+
+def _fresh(x, ref):
+  """x, unchanged, but not recognizable by XLA as the forward pass's x: its bits are divided
+  by 1 + [ref[0] < -inf] (one). Otherwise XLA (on CPU, which drops `jax.checkpoint`'s
+  optimization barriers) merges the backward's float32 copies of q, k, v, o with the
+  forward's and keeps those alive from one pass to the other."""
+  bits = {2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if bits is None:
+    return x
+  one = (1 + (ref.reshape(-1)[0] < -jnp.inf)).astype(bits)
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) // one, x.dtype)
 
 
 def _attention_bwd(cfg, res, do):
   q, k, v, o, lse, bm = res
+  q, k, v, o = (_fresh(a, lse) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
   zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
@@ -199,57 +234,118 @@ def _merge(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense: whole score matrix, mask evaluated elementwise (and the block lists if selected)
+# Dense: all keys per query chunk, one chunk at a time (memory: one [chunk, kv_len] strip)
 
 
-def _dense_allowed(bm, b, hm, tq, tk):
-  """bool [b, hm, Tq, Tk] or None."""
-  if bm is None:
-    return None
-  if bm.selected:
-    allowed = bm.to_dense(hm if bm.kv_perm is not None else None)
-  else:
-    q_tok, kv_tok = bm.tokens(hm if bm.kv_perm is not None else None)
-    allowed = M.eval_tokens(bm.mask, q_tok[:, None, :, :tq, None], kv_tok[:, :, :, None, :tk])
-  return jnp.broadcast_to(allowed, (b, hm, tq, tk))
+def _chunk_allowed(bm, hm, i, tk):
+  """bool [B', H', block_q, kv_len]: the rows of query block i (traced) of the attention
+  pattern (`BlockMask.to_dense`); padding rows past q_len attend nothing."""
+  q_tok, kv_tok = bm.tokens(hm if bm.kv_perm is not None else None)
+  q_i = jax.lax.dynamic_slice_in_dim(q_tok, i * bm.block_q, bm.block_q, axis=-1)
+  allowed = M.eval_tokens(bm.mask, q_i[:, None, :, :, None], kv_tok[:, :, :, None, :tk])
+  allowed = allowed & (q_i[:, None, 0, :, None] >= 0)
+  if bm.selected:  # only the listed blocks (full ones without the mask)
+    rows = lambda a: jnp.repeat(a[:, :, i], bm.block_kv, axis=-1)[:, :, None, :tk]  # noqa: E731
+    allowed = rows(bm.block_any()) & (rows(bm.block_all()) | allowed)
+  return allowed
 
 
 def _f32(x):
   return x.astype(jnp.float32)
 
 
+def _bits(x):
+  """A 16-bit float array as its bit pattern (uint16); other arrays as they are.
+
+  Read chunk by chunk inside a loop, a bfloat16 array would be upcast to float32 as a whole
+  before the loop by XLA on CPU (twice the bytes for as long as the loop runs); the bits are
+  sliced first and upcast one chunk at a time.
+  """
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x, dtype):
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _neg_inf(i):
+  """-inf, as a scalar computed from the loop index i. A constant fill is loop-invariant,
+  and JAX's partial evaluation of `scan` under `jax.checkpoint` hoists loop-invariant values
+  out of the loop: a [.., chunk, kv_len] float32 buffer kept from the forward to the backward."""
+  return jnp.where(i >= 0, -jnp.inf, jnp.inf).astype(jnp.float32)
+
+
 def _dense(q, k, v, bwd, bm, cfg):
+  """Dense mode: a `lax.scan` over chunks of c query rows (c = block_q), each against all keys.
+
+  The float32 scores, probabilities and their gradients exist for one chunk at a time, so the
+  working set is [batch, heads, c, kv_len] instead of [batch, heads, q_len, kv_len].
+  """
   b, tq, h, _ = q.shape
   tk, hk = k.shape[1], k.shape[2]
   lay = _layout(bm, h, hk)
-  qg = _to_groups(_f32(q), lay, lay.gp, 1, tq)[:, :, 0]  # [B, Hm, Hkm, Gp*Tq, D]
-  kg = _kv_groups(_f32(k), lay, h, 1, tk)[:, :, 0]
-  vg = _kv_groups(_f32(v), lay, h, 1, tk)[:, :, 0]
-  allowed = _dense_allowed(bm, b, lay.hm, tq, tk)
-  allowed = None if allowed is None else allowed[:, :, None, None]  # [B, Hm, 1, 1, Tq, Tk]
-  s, raw = _scores(qg, kg, cfg, lay.gp)
-  if allowed is not None:
-    s = jnp.where(allowed, s, -jnp.inf)
+  gp = lay.gp
+  c = cfg.chunk if bm is None else bm.block_q
+  nc = -(-tq // c)
+
+  def padded(x):  # [B, Tq, H, D] -> [B, nc * c, H, D], as its bits (see `_bits`)
+    x = jnp.pad(x, ((0, 0), (0, nc * c - tq), (0, 0), (0, 0))) if nc * c > tq else x
+    return _bits(x)
+
+  def rows(x, i):  # chunk i of a padded x -> [B, Hm, Hkm, Gp * c, D] in float32
+    x = _from_bits(jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1), q.dtype)
+    return _f32(_to_groups(x, lay, gp, 1, c)[:, :, 0])
+
+  def unchunk(x):  # [nc, B, Hm, ...] -> [B, Hm, nc, ...]
+    return jnp.moveaxis(x, 0, 2)
+
+  kg = _kv_groups(k, lay, h, 1, tk)[:, :, 0]  # [B, Hm, Hkm, Tk, D]
+  vg = _kv_groups(v, lay, h, 1, tk)[:, :, 0]
+
+  def masked_scores(qc, i):  # ([B, Hm, Hkm, Gp, c, Tk] masked to -inf, raw)
+    s, raw = _scores(qc, _f32(kg), cfg, gp)
+    if bm is not None:
+      allowed = jnp.broadcast_to(_chunk_allowed(bm, lay.hm, i, tk), (b, lay.hm, c, tk))
+      s = jnp.where(allowed[:, :, None, None], s, _neg_inf(i))
+    return s, raw
+
+  qp, idx = padded(q), jnp.arange(nc)
   if bwd is None:
-    m = _safe(jnp.max(s, axis=-1))
-    p = jnp.exp(s - m[..., None])
-    den = jnp.sum(p, axis=-1)
-    o = _pv(p, vg) / _merge(jnp.where(den == 0, 1.0, den)[..., None])
-    lse = jnp.where(den == 0, -jnp.inf, m + jnp.log(den))  # [B, Hm, Hkm, Gp, Tq]
-    o = _from_groups(o[:, :, None], lay, lay.gp, tq).astype(q.dtype)
-    return o, _lse_to_bht(lse[:, :, None], tq)
+
+    def forward_chunk(_, i):
+      s, _ = masked_scores(rows(qp, i), i)
+      m = _safe(jnp.max(s, axis=-1))
+      p = jnp.exp(s - m[..., None])
+      den = jnp.sum(p, axis=-1)
+      o = _pv(p, _f32(vg)) / _merge(jnp.where(den == 0, 1.0, den)[..., None])
+      return None, (o.astype(q.dtype), jnp.where(den == 0, -jnp.inf, m + jnp.log(den)))
+
+    _, (o, lse) = jax.lax.scan(forward_chunk, None, idx)
+    return _from_groups(unchunk(o), lay, gp, tq), _lse_to_bht(unchunk(lse), tq)
   o, lse, do = bwd
-  dog = _to_groups(_f32(do), lay, lay.gp, 1, tq)[:, :, 0]
-  og = _to_groups(_f32(o), lay, lay.gp, 1, tq)[:, :, 0]
-  lse_g = _lse_from_bht(lse, lay, 1, tq)[:, :, 0]
-  delta = jnp.sum(_split(og * dog, lay.gp), axis=-1)
-  p = jnp.exp(s - _safe(lse_g)[..., None])
-  dv = jnp.einsum("...hgqk,...hgqd->...hkd", p, _split(dog, lay.gp))
-  dp = jnp.einsum("...hgqd,...hkd->...hgqk", _split(dog, lay.gp), vg)
-  ds = _grad_scores(p * (dp - delta[..., None]), raw, cfg)
-  dq = jnp.einsum("...hgqk,...hkd->...hgqd", ds, kg)
-  dk = jnp.einsum("...hgqk,...hgqd->...hkd", ds, _split(qg, lay.gp))
-  dq = _from_groups(_merge(dq)[:, :, None], lay, lay.gp, tq)
+  op, dop = padded(o), padded(do)
+  lse_c = jnp.moveaxis(_lse_from_bht(lse, lay, nc, c), 2, 0)  # [nc, B, Hm, Hkm, Gp, c]
+
+  def backward_chunk(carry, xs):
+    dk, dv = carry
+    lsec, i = xs
+    qc, oc, doc = rows(qp, i), rows(op, i), rows(dop, i)
+    s, raw = masked_scores(qc, i)
+    delta = jnp.sum(_split(oc * doc, gp), axis=-1)
+    p = jnp.exp(s - _safe(lsec)[..., None])
+    # dk, dv accumulate transposed ([D, Tk]): the chunk's p and ds stay [c, Tk] (no
+    # transposed copy of a score strip), only the small q and do chunks are transposed.
+    dv = dv + jnp.einsum("...hgqd,...hgqk->...hdk", _split(doc, gp), p)
+    dp = jnp.einsum("...hgqd,...hkd->...hgqk", _split(doc, gp), _f32(vg))
+    ds = _grad_scores(p * (dp - delta[..., None]), raw, cfg)
+    dk = dk + jnp.einsum("...hgqd,...hgqk->...hdk", _split(qc, gp), ds)
+    dq = _merge(jnp.einsum("...hgqk,...hkd->...hgqd", ds, _f32(kg)))
+    return (dk, dv), dq.astype(q.dtype)
+
+  zeros = jnp.zeros(kg.shape[:-2] + kg.shape[-1:] + kg.shape[-2:-1], jnp.float32)
+  (dk, dv), dq = jax.lax.scan(backward_chunk, (zeros, zeros), (lse_c, idx))
+  dk, dv = jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2)
+  dq = _from_groups(unchunk(dq), lay, gp, tq).astype(jnp.float32)  # as the sparse path's
   return dq, _kv_grad(dk[:, :, None], lay, hk, tk), _kv_grad(dv[:, :, None], lay, hk, tk)
 
 

@@ -1,12 +1,17 @@
 """FP8 precision flow: quantize each activation once, and name what the backward keeps.
 
-Three pieces shared by the FP8 matmul (`fp8_dot`), the FP8-saved activations (`fp8_act`)
+Pieces shared by the FP8 matmul (`fp8_dot`), the FP8-saved activations (`fp8_act`)
 and the model wrapper (`quantize`):
 
 * **Names.** Every FP8 tensor kept for the backward pass is tagged with
   `jax.ad_checkpoint.checkpoint_name(.., RESIDUAL)`. Under `jax.checkpoint(policy=POLICY)`
-  those are the only values saved; everything else the backward needs is recomputed from
-  them (elementwise glue such as `silu(gate) * up` or rotary embeddings).
+  those are the only values saved (with the inputs of layers kept in high precision, `KEEP`,
+  and mpxla.attention's output and log-sum-exp, so that attention is not run twice);
+  everything else the backward needs is recomputed from them (elementwise glue such as
+  `silu(gate) * up` or rotary embeddings).
+* **Memory.** `after(x, *deps)` gives XLA a data dependency and a value it must materialize
+  as it is, without changing a bit; the FP8 matmul and activations use it so that compiled
+  temp bytes follow the bytes saved (see docs/nn.md, "Temp bytes").
 * **Once per tensor.** Inside a `scope()`, `quantize_once(x, ...)` returns the same
   `QTensor` for the same array and the same format/granularity/margin, so a norm's output
   feeding three projections is quantized (and saved) once, and a linear layer's FP8 output
@@ -31,10 +36,12 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from mpxla import formats, quant
+from mpxla.attention import RESIDUAL_NAMES as ATTENTION_RESIDUALS
 
 RESIDUAL = "mpxla_fp8"  # FP8 codes, scales and amaxes kept for the backward pass.
 KEEP = "mpxla_keep"  # Inputs of layers kept in high precision (saved as they are).
-POLICY = jax.checkpoint_policies.save_only_these_names(RESIDUAL, KEEP)
+# mpxla.attention's output and log-sum-exp are kept too (its forward is then not recomputed).
+POLICY = jax.checkpoint_policies.save_only_these_names(RESIDUAL, KEEP, *ATTENTION_RESIDUALS)
 
 AxisName = str | Sequence[str] | None
 
@@ -44,23 +51,58 @@ def tag(tree: Any, name: str = RESIDUAL) -> Any:
   return jax.tree.map(lambda a: checkpoint_name(a, name), tree)
 
 
-def residual(q: quant.QTensor) -> quant.QTensor:
-  """A QTensor kept for the backward pass: its codes stored as they are, everything tagged.
+def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
+  """x, unchanged, as a value XLA computes only once `deps` exist (differentiable: identity).
 
-  Two details make the 1-byte codes what is actually kept:
-  * XLA may fuse an FP8 cast into every consumer of the codes and keep the float32 tensor
-    before the cast alive instead (it does on CPU, where FP8 dot operands are upcast). An
-    integer division is never duplicated into consumers by XLA's fusion, so the codes' bits
-    are divided by a 1 that XLA cannot prove constant (1 + [scale < 0]; scales are positive
-    or NaN). The values are unchanged.
-  * The tagged tensor is the uint8 bit pattern, not the float8 codes: `jax.checkpoint`
-    passes saved floats through `reduce_precision` with the dtype's exponent/mantissa
-    widths, which turns float8_e4m3fn's top binade [256, 448] into NaN (it has no inf).
+  The bit pattern of x is divided by 1 + [d < -inf] (one for every float, NaN included) over
+  one element d of each dep: XLA cannot prove the divisor constant, so it (1) computes x
+  after the deps, (2) materializes x as it is: an integer division is never duplicated into
+  consumers by fusion, so a cast is not redone in every consumer with its float32 input
+  kept alive instead, and bfloat16 is not widened to float32 (XLA on CPU otherwise keeps
+  bfloat16 results in float32 and upcasts FP8 operands), and (3) does not merge x with an
+  identical computation elsewhere (a forward value with its recomputation in the backward).
   """
-  one = 1 + (q.scales.reshape(-1)[0] < 0).astype(jnp.uint8)
+  if x.dtype.itemsize not in (1, 2, 4):  # (float64) no such hint: x as it is
+    return x
+  return _after(x, tuple(jnp.asarray(d).reshape(-1)[:1] for d in deps))
+
+
+@jax.custom_jvp
+def _after(x, firsts):
+  one = jnp.ones((), jnp.uint8)
+  for d in firsts:
+    one = one + (d[0] < -jnp.inf).astype(jnp.uint8)
+  bits_dtype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  if x.dtype == bits_dtype:
+    return x // one.astype(bits_dtype)
+  bits = jax.lax.bitcast_convert_type(x, bits_dtype) // one.astype(bits_dtype)
+  return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@_after.defjvp
+def _after_jvp(primals, tangents):
+  return _after(*primals), tangents[0]
+
+
+def stored(q: quant.QTensor) -> quant.QTensor:
+  """q whose codes XLA materializes as the 1-byte codes (`after` its scales).
+
+  Otherwise XLA may fuse the FP8 cast into every consumer of the codes and keep the float32
+  tensor before the cast alive instead (it does on CPU): 4 bytes an element instead of 1.
+  """
+  return dataclasses.replace(q, codes=after(q.codes, q.scales))
+
+
+def residual(q: quant.QTensor) -> quant.QTensor:
+  """A QTensor kept for the backward pass: its codes `stored` as they are, everything tagged.
+
+  The tagged tensor is the uint8 bit pattern, not the float8 codes: `jax.checkpoint` passes
+  saved floats through `reduce_precision` with the dtype's exponent/mantissa widths, which
+  turns float8_e4m3fn's top binade [256, 448] into NaN (it has no inf).
+  """
   is_bits = q.codes.dtype == jnp.uint8
   bits = q.codes if is_bits else jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
-  bits = checkpoint_name(bits // one, RESIDUAL)
+  bits = checkpoint_name(after(bits, q.scales), RESIDUAL)
   codes = bits if is_bits else jax.lax.bitcast_convert_type(bits, q.codes.dtype)
   return dataclasses.replace(q, codes=codes, scales=tag(q.scales))
 

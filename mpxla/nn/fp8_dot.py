@@ -168,23 +168,30 @@ def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes):
   return out, (lq, rq, state, amaxes)
 
 
-def _after(bad, q):
-  """q with codes that depend on `bad` (is the gradient's scale NaN; the result is NaN then
-  anyway and the codes are zeroed). Otherwise XLA may share the forward's upcast of the codes
-  with the backward and keep that float32 copy alive between the passes instead of the codes
-  (on CPU, which upcasts FP8 dot operands; `optimization_barrier` does not survive there)."""
-  codes = jnp.where(bad, jnp.zeros((), q.codes.dtype), q.codes)
-  return dataclasses.replace(q, codes=codes)
+def _codes_after(q, *deps):
+  """q's codes, computed after `deps` (`flow.after`), for the backward's FP8 dots.
+
+  Made to depend on the gradient's scale, the saved codes are not merged with the forward's
+  upcast of the same codes (XLA on CPU upcasts FP8 dot operands and would keep that float32
+  copy alive between the passes instead of the codes). dx waits for dw: otherwise XLA may
+  compute dw, which nothing else waits for, only at the end of the backward pass and keep
+  the codes of x and g alive until then, those of every layer of a stack at once.
+  """
+  return flow.after(q.codes, *deps)
 
 
 def _tensor_dot_bwd(spec, res, g):
+  """dw = x8^T g8 first, then dx = g8 w8^T, on FP8 codes (see `_codes_after`)."""
   lq, rq, state, amaxes = res
   c = spec.config
+  g = flow.after(g, rq.scales)  # read twice (amax, cast): materialized as it is, not widened
   gq, g_amax = _quantize_tensor(g, c.bwd_fmt, c, None if state is None else state["grad"])
-  bad = jnp.isnan(gq.scales)
-  lq, rq = _after(bad, lq), _after(bad, rq)
-  dlhs = _transpose_lhs(gq.codes, rq.codes, spec.dn, spec.lhs_ndim) * (gq.scales * rq.scales)
-  drhs = _transpose_rhs(gq.codes, lq.codes, spec.dn, spec.rhs_ndim) * (gq.scales * lq.scales)
+  gq = flow.stored(gq)
+  drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, spec.rhs_ndim) * (
+      gq.scales * lq.scales)
+  drhs = flow.after(drhs.astype(spec.rhs_dtype), gq.scales)  # complete before dx starts
+  dlhs = _transpose_lhs(_codes_after(gq, drhs), _codes_after(rq, gq.scales), spec.dn,
+                        spec.lhs_ndim) * (gq.scales * rq.scales)
   if state is None:
     new_state = None
   else:  # Overwrite-with-gradient: the "gradient" of the histories is their next value.
@@ -193,7 +200,7 @@ def _tensor_dot_bwd(spec, res, g):
         "rhs": quant.update_amax_history(state["rhs"], amaxes[1]),
         "grad": quant.update_amax_history(state["grad"], g_amax),
     }
-  return (dlhs.astype(spec.lhs_dtype), drhs.astype(spec.rhs_dtype), flow.zero_cotangent(lq),
+  return (dlhs.astype(spec.lhs_dtype), drhs, flow.zero_cotangent(lq),
           flow.zero_cotangent(rq), new_state, flow.zero_cotangent(amaxes))
 
 
@@ -263,23 +270,27 @@ def _block_dot_fwd(spec, lhs3, rhs3, lq, rq):
 
 
 def _block_dot_bwd(spec, res, g3):
+  """dw first, then dx (as `_tensor_dot_bwd`, see `_codes_after`)."""
   lq, rq = res
   c, bs = spec.config, spec.config.block
   K = lq.codes.shape[2]
+  g3 = flow.after(g3, rq.scales)  # read three times: materialized as it is, not widened
+  # dw = x^T . g: both in bs x 1 groups along the tokens M (x requantized from its codes).
+  gq_m = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, N]
+  lq = dataclasses.replace(lq, codes=_codes_after(lq, gq_m.scales))
+  x_hat = quant.dequantize(lq, jnp.float32)
+  xq = quant.quantize(x_hat, c.fwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, K]
+  drhs = _grouped_dot(jnp.swapaxes(xq.codes, 1, 2), jnp.swapaxes(xq.scales, 1, 2),
+                      gq_m.codes, gq_m.scales, bs)
+  drhs = flow.after(drhs.astype(spec.rhs_dtype), gq_m.scales)
   # dx = g . w^T: g in 1 x bs groups along N; w's bs x bs tiles serve transposed.
-  gq = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=-1))
-  bad = jnp.any(jnp.isnan(gq.scales))
-  lq, rq = _after(bad, lq), _after(bad, rq)
+  gq = flow.stored(quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=-1)))
+  gq = dataclasses.replace(gq, codes=_codes_after(gq, drhs))
+  rq = dataclasses.replace(rq, codes=_codes_after(rq, gq.scales))
   w_t = jnp.swapaxes(rq.codes, 1, 2)  # [B, N, K]
   sw_t = _repeat_to(jnp.swapaxes(rq.scales, 1, 2), 2, K, bs)  # [B, nN, K]
   dlhs = _grouped_dot(gq.codes, gq.scales, w_t, sw_t, bs)
-  # dw = x^T . g: both in bs x 1 groups along the tokens M (x requantized from its codes).
-  x_hat = quant.dequantize(lq, jnp.float32)
-  xq = quant.quantize(x_hat, c.fwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, K]
-  gq_m = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, N]
-  drhs = _grouped_dot(jnp.swapaxes(xq.codes, 1, 2), jnp.swapaxes(xq.scales, 1, 2),
-                      gq_m.codes, gq_m.scales, bs)
-  return (dlhs.astype(spec.lhs_dtype), drhs.astype(spec.rhs_dtype), flow.zero_cotangent(lq),
+  return (dlhs.astype(spec.lhs_dtype), drhs, flow.zero_cotangent(lq),
           flow.zero_cotangent(rq))
 
 
