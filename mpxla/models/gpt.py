@@ -34,6 +34,9 @@ class GPTConfig:
   moe_every: int = 2
   moe_d_ff: int = 0  # 0: d_ff
   moe_lbl_scope: str = "global"  # load-balancing statistics: 'global' | 'micro_batch' | 'sequence'
+  # The batch's mesh axes (mpxla.parallel.stats), e.g. ('data', 'fsdp', 'expert'):
+  # 'micro_batch' under jit needs them (and `jax.set_mesh`) to find each device's shard.
+  moe_axis_name: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -115,7 +118,8 @@ class Block(nn.Module):
       from mpxla.nn.moe import MoE
 
       moe = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
-                dtype=c.dtype, lbl_scope=c.moe_lbl_scope, name="moe")
+                dtype=c.dtype, lbl_scope=c.moe_lbl_scope, axis_name=_axes(c.moe_axis_name),
+                name="moe")
       return x_BxTxD + moe(h, mask=segment_ids_BxT > 0)  # padding takes no expert capacity
     return x_BxTxD + SwiGLU(c.d_ff, c.dtype, name="mlp")(h)
 
@@ -139,6 +143,10 @@ class GPT(nn.Module):
     x_BxTxD = nn.RMSNorm(dtype=c.dtype, name="final_norm")(x_BxTxD)
     logits_BxTxV = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, name="lm_head")(x_BxTxD)
     return logits_BxTxV.astype(jnp.float32)
+
+
+def _axes(names):
+  return tuple(names) if isinstance(names, list | tuple) else names
 
 
 def document_positions(segment_ids_BxT: jax.Array) -> jax.Array:

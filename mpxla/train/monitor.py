@@ -60,16 +60,23 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 def tree_bytes(tree) -> tuple[int, int]:
-  """(total bytes, bytes on the first device) of a pytree of arrays."""
+  """(total bytes, bytes on the first device) of a pytree of arrays.
+
+  Abstract leaves (`jax.ShapeDtypeStruct` with a sharding, as in `Trainer.abstract_state()`)
+  count their shard shape, so an ahead-of-time breakdown gives per-device bytes too.
+  """
   total = per_device = 0
   dev = jax.devices()[0]
   for x in jax.tree.leaves(tree):
     total += x.size * x.dtype.itemsize
     shards = getattr(x, "addressable_shards", None)
-    if shards is None:
-      per_device += x.size * x.dtype.itemsize
-    else:
+    sharding = getattr(x, "sharding", None)
+    if shards is not None:
       per_device += sum(s.data.size * s.data.dtype.itemsize for s in shards if s.device == dev)
+    elif sharding is not None:  # abstract: the largest shard (shards of uneven splits differ)
+      per_device += int(np.prod(sharding.shard_shape(x.shape))) * x.dtype.itemsize
+    else:
+      per_device += x.size * x.dtype.itemsize
   return total, per_device
 
 

@@ -74,18 +74,24 @@ class Trainer:
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params), "model_state": dict(variables)}
 
+  def _abstract_init(self):
+    with jax.set_mesh(self.mesh):  # layers that name mesh axes see the mesh (as in the steps)
+      return jax.eval_shape(self._init_fn, jax.random.key(0))
+
   @functools.cached_property
   def state_shardings(self):
-    abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
+    abstract = self._abstract_init()
     fsdp = self.mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, fsdp)), abstract)
 
   def init_state(self):
     key = jax.random.key(self.config.seed)
-    return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key)
+    init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+    with jax.set_mesh(self.mesh):
+      return init(key)
 
   def abstract_state(self):
-    abstract = jax.eval_shape(self._init_fn, jax.random.key(0))
+    abstract = self._abstract_init()
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, self.state_shardings)
 

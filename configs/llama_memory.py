@@ -1,0 +1,68 @@
+"""Llama-style GPTs of about 125M, 350M and 1B parameters for the AOT memory breakdown.
+
+Command:  python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
+          (variants 125m, 350m, 1b; the whole section: python experiments/memory.py)
+Hardware: no accelerator: the train step is compiled ahead of time for 8 simulated CPU devices
+(FSDP over all 8) and nothing is allocated; one compile takes about 0.5-3 minutes on 2 CPU cores.
+Expected: the parameter counts below, and the per-device table of docs/results.md section 1
+(e.g. 1b at 4 sequences of 2048 per device: params 0.51 GB, grads 0.51 GB, AdamW states 1.03 GB
+(bf16) vs 0.27 GB (coat)).
+
+| variant | d_model | layers | heads | d_ff | vocab | parameters    |
+|---------|---------|--------|-------|------|-------|---------------|
+| 125m    |     768 |     12 |    12 | 2048 | 32000 |   134,105,856 |
+| 350m    |    1024 |     24 |    16 | 2560 | 32000 |   354,993,152 |
+| 1b      |    2048 |     18 |    16 | 5376 | 32000 | 1,027,837,952 |
+| tiny    |     128 |      1 |     4 |  384 | 32000 |     8,405,376 |
+
+(`tiny`: sequence length 256 and 2 sequences per device, for `--quick` and the tests.)
+
+Multi-head attention (n_kv_heads = n_heads, as Llama-2), untied embedding and output head,
+d_ff = 8/3 d_model rounded down to a multiple of 256, sequence length 2048, bfloat16 compute with
+float32 master weights. The data section names the embedded byte corpus only so that the config
+is complete (tokens < 256 fit any vocabulary); these configs exist for compiling, not training.
+The recipe defaults to bf16; experiments/memory.py sets it from --recipe.
+"""
+
+import ml_collections
+
+SIZES = {
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048),
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2560),
+    "1b": dict(d_model=2048, n_layers=18, n_heads=16, d_ff=5376),
+    # The quick-mode miniature (and the tests): same code path, seconds to compile.
+    "tiny": dict(d_model=128, n_layers=1, n_heads=4, d_ff=384, seq_len=256, batch=2),
+}
+SEQ_LEN = 2048
+PER_DEVICE_BATCH = 4
+FSDP = 8
+
+
+def get_config(variant: str = "125m") -> ml_collections.ConfigDict:
+  if variant not in SIZES:
+    raise ValueError(f"variant {variant!r}; use one of {sorted(SIZES)}.")
+  size = dict(SIZES[variant])
+  seq_len, batch = size.pop("seq_len", SEQ_LEN), size.pop("batch", PER_DEVICE_BATCH)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.recipe = "bf16"
+  c.total_steps = 1000
+  c.log_every = 10
+  c.eval_every = 500
+  c.eval_batches = 8
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.progress = True
+  c.plot = True
+  c.model = ml_collections.ConfigDict(dict(
+      name="gpt", vocab_size=32000, n_kv_heads=size["n_heads"], rope_theta=10_000.0,
+      dtype="bfloat16", attention_impl="auto", attention_block=128, num_experts=0, moe_top_k=2,
+      moe_every=2, moe_d_ff=0, **size))
+  c.aux_loss_weight = 0.01
+  c.data = ml_collections.ConfigDict(dict(name="stdlib_bytes", seq_len=seq_len,
+                                          batch_size=batch * FSDP, val_percent=5))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, warmup_steps=100, decay_steps=1000, final_lr_fraction=0.1, b1=0.9, b2=0.95,
+      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=FSDP, tensor=1))
+  return c
