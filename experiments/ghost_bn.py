@@ -355,3 +355,14 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   main()
+
+
+def headline(out_dir: pathlib.Path) -> dict[str, str]:
+  """Header figures for docs/results.md: validation accuracy and loss per BatchNorm variant."""
+  table = json.loads((pathlib.Path(out_dir) / "results.json").read_text())["table"]
+  lr = max(row["lr"] for row in table)
+  rows = [row for row in table if row["lr"] == lr]
+  acc = ", ".join(f"{r['variant']} {r['val_accuracy']['mean']:.4f}" for r in rows)
+  loss = ", ".join(f"{r['variant']} {r['val_loss']['mean']:.4f}" for r in rows)
+  return {f"Validation accuracy at batch 1024, lr {lr:g} (mean of seeds)": acc,
+          f"Validation loss at batch 1024, lr {lr:g} (mean of seeds)": loss}

@@ -740,3 +740,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   main()
+
+
+def headline(out_dir: pathlib.Path) -> dict[str, str]:
+  """Header figures for docs/results.md: validation loss and expert-domain information by scope."""
+  table = json.loads((pathlib.Path(out_dir) / "results.json").read_text())["table"]
+  loss = " vs ".join(f"{table[s]['val_loss']['mean']:.4f}" for s in ("micro_batch", "global"))
+  layers = sorted(table["global"]["layers"])
+  mi = "; ".join(
+      f"{name.split('/')[0]}: " + " -> ".join(
+          f"{table[s]['layers'][name]['mi_domain']['mean']:.4f}" for s in ("micro_batch", "global"))
+      for name in layers)
+  return {"Validation loss, micro-batch vs global load balancing (mean of seeds)": loss,
+          "I(expert; domain) in bits, micro-batch -> global": mi}
