@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mpxla.train.monitor import read_metrics
 from mpxla.train.trainer import Trainer
@@ -84,6 +85,9 @@ def test_sigterm_saves_and_resume_is_exact(tiny_config, data_cache, tmp_path):
   assert ref["final_train_loss"] == got[total]
 
 
+# Slow tier: about a minute of CPU; the fast tier already runs two real processes in
+# tests/parallel/test_parallel_multiprocess.py.
+@pytest.mark.slow
 def test_two_processes_match_one(data_cache, tmp_path):
   env = {"MPXLA_CACHE": data_cache, "MPXLA_VENV": sys.prefix, "MPXLA_DEVICES_PER_PROCESS": "2",
          "XLA_FLAGS": ""}
