@@ -3,16 +3,17 @@
 Command:  python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
           (variants 125m, 350m, 1b; the whole section: python experiments/memory.py)
 Hardware: no accelerator: the train step is compiled ahead of time for 8 simulated CPU devices
-(FSDP over all 8) and nothing is allocated; one compile takes about 0.5-3 minutes on 2 CPU cores.
-Expected: the parameter counts below, and the per-device table of docs/results.md section 1
-(e.g. 1b at 4 sequences of 2048 per device: params 0.51 GB, grads 0.51 GB, AdamW states 1.03 GB
-(bf16) vs 0.27 GB (coat)).
+(FSDP over all 8) and nothing is allocated. One compile on 2 CPU cores: 20-40 s (bf16), 50-75 s
+(fp8_linear), 2.5-8 min (coat, hif8) of CPU; the whole section about 55 min of CPU.
+Expected (4 sequences of 2048 per device; GB = 1e9 bytes per device; docs/results.md section 1):
+1b: params 0.51, grads 0.51, optimizer 1.03 (bf16) / 0.27 (coat), peak 27.4 (bf16) / 12.8 (coat);
+largest batch in 80 GB: 13 (bf16) / 26 (coat) sequences per device.
 
 | variant | d_model | layers | heads | d_ff | vocab | parameters    |
 |---------|---------|--------|-------|------|-------|---------------|
 | 125m    |     768 |     12 |    12 | 2048 | 32000 |   134,105,856 |
 | 350m    |    1024 |     24 |    16 | 2560 | 32000 |   354,993,152 |
-| 1b      |    2048 |     18 |    16 | 5376 | 32000 | 1,027,837,952 |
+| 1b      |    2048 |     18 |    16 | 5376 | 32000 | 1,027,680,256 |
 | tiny    |     128 |      1 |     4 |  384 | 32000 |     8,405,376 |
 
 (`tiny`: sequence length 256 and 2 sequences per device, for `--quick` and the tests.)

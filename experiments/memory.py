@@ -496,6 +496,10 @@ def _log(text: str) -> None:
 
 # --- rendering -----------------------------------------------------------------------------------
 
+def _duration(seconds: float) -> str:
+  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def _unit(rows: list[dict]) -> tuple[float, str]:
   """GB for the real models, MB for the quick miniature."""
   return (1e9, "GB") if max(r["peak"] for r in rows) >= 1e9 else (1e6, "MB")
@@ -518,8 +522,8 @@ def render(out_dir: pathlib.Path) -> str:
   tree = (f" at commit {git['commit']}" + (f" with {len(git['modified'])} modified files in mpxla/"
                                             if git.get("modified") else "")) if git else ""
   lines = [
-      f"Command: `{res['command']}` ({res['wall_s'] / 60:.0f} min wall, "
-      f"{res['cpu_s'] / 60:.0f} min CPU, {res['compiles']} compiles, on {res['cpu_count']} shared "
+      f"Command: `{res['command']}` ({_duration(res['wall_s'])} wall, "
+      f"{_duration(res['cpu_s'])} CPU, {res['compiles']} compiles, on {res['cpu_count']} shared "
       f"CPU cores; JAX {res['jax_version']}, {res['date'][:10]}{tree}). One row alone: `python "
       f"experiments/memory.py --config={CONFIG}:{sizes[-1]} --recipe=coat --json`.",
       "",
@@ -590,6 +594,17 @@ def render(out_dir: pathlib.Path) -> str:
     ]
   lines += _verdict(res, by, searches)
   lines += _composition(by, sizes[-1], scale, unit)
+  cpu_attention = {recipe: sum(g["bytes"] for g in r["peak_composition"]["top"]
+                               if g["category"] == "backward" and "/attn/" in g["op"])
+                   for (size, recipe), r in by.items()
+                   if size == sizes[-1] and r.get("peak_composition")}
+  if any(cpu_attention.values()):
+    lines += [
+        f"At the peak ({sizes[-1]}), one layer's attention backward on the CPU path holds at least "
+        + ", ".join(f"{v / scale:.2f} {unit} (`{k}`)" for k, v in cpu_attention.items()) +
+        " in float32 score and key/value blocks (the `attn` rows of `backward` above).",
+        "",
+    ]
   lines += [
       "What differs from COAT's measurement (Llama-2-7B, 4 GPUs, PyTorch): smaller models on 8 "
       "simulated devices; XLA's buffer assignment under its memory-minimizing schedule instead of "

@@ -110,7 +110,7 @@ def test_parse_and_resolve_mesh():
 
 
 def _row(size, recipe, peak, opt, act):
-  return {"size": size, "recipe": recipe, "n_params": 1_027_837_952, "seq_len": 2048,
+  return {"size": size, "recipe": recipe, "n_params": 1_027_680_256, "seq_len": 2048,
           "batch_per_device": 4, "devices": 8, "params": 514_000_000, "grads": 514_000_000,
           "optimizer": opt, "activations": act, "model_state": 0, "other": 70_000, "peak": peak}
 
