@@ -128,13 +128,26 @@ def expansion_k16(amax: jax.Array, amin: jax.Array, fmt: str | Format = "e4m3") 
   log2(amax / amin) is computed as log2(amax) - log2(amin) (no overflow); R = 1,
   all-zero and non-finite groups get 255.
   """
+  return _k16_from_ratio(_k16_ratio(amax, amin, fmt))
+
+
+def _k16_ratio(amax: jax.Array, amin: jax.Array, fmt: str | Format) -> jax.Array:
+  """16 log2(M^2 / 2) / log2(amax / amin), +inf where k is clamped to its maximum.
+
+  Ends in a division, which XLA stores instead of recomputing it inside every
+  per-element consumer (the logs before it would otherwise be evaluated once per
+  element, not once per group).
+  """
   fmt = get_format(fmt)
   l16 = float(K_DENOM * math.log2(fmt.max**2 / 2.0))
   ok = _usable(amax) & (amin <= amax)
   lr = fastmath.log2(jnp.where(ok, amax, 1.0)) - fastmath.log2(jnp.where(ok, amin, 1.0))
-  ok = ok & (lr > 0)
-  k16 = jnp.clip(jnp.floor(l16 / jnp.where(ok, lr, 1.0)), K16_MIN, K16_MAX)
-  return jnp.where(ok, k16, K16_MAX).astype(jnp.uint8)
+  return l16 / jnp.where(ok & (lr > 0), lr, 0.0)  # l16 / 0 = +inf.
+
+
+def _k16_from_ratio(ratio: jax.Array) -> jax.Array:
+  # floor(+inf) = +inf clips to K16_MAX; the ratio is never NaN.
+  return jnp.clip(jnp.floor(ratio), K16_MIN, K16_MAX).astype(jnp.uint8)
 
 
 def expansion_params(x: jax.Array, fmt: str | Format = "e4m3") -> ExpansionParams:
@@ -160,7 +173,7 @@ def encode(
   # Per-group values end in an op XLA deems expensive (log, divide), so they are
   # computed once per group instead of inside the per-element loop.
   if expansion:
-    k16 = expansion_k16(amax, amin, fmt)
+    k16 = _k16_from_ratio(_k16_ratio(amax, amin, fmt))
     k = k16.astype(jnp.float32) * (1.0 / K_DENOM)  # Exact: k16 / 16.
     # t = M * (|x| / amax)^k = 2^(log2 M + k (log2|x| - log2 amax)).
     lmax = jnp.log2(safe_amax)
@@ -172,10 +185,13 @@ def encode(
     t = fastmath.exp2(math.log2(fmt.max) + k * (fastmath.log2(ax) - lmax))
   else:
     t = ax * scale
-  t = jnp.where(ax == amax, fmt.max, t)  # The group max maps to M exactly.
-  # Nonzero x gets a nonzero code; sign(0) = 0 keeps zeros (and -0.0) exact.
-  # Non-finite groups give arbitrary codes: their stored amax is NaN.
-  codes = _to_codes(jnp.clip(t, fmt.min_subnormal, fmt.max) * jnp.sign(x), fmt)
+  # Clipped with compare-and-select (cheaper than NaN-propagating min/max): a
+  # nonzero x gets at least the smallest nonzero code, the group max maps to M.
+  t = jnp.where(t < fmt.min_subnormal, fmt.min_subnormal, t)
+  t = jnp.where((t > fmt.max) | (ax == amax), fmt.max, t)
+  # Zeros (and -0.0) stay exact zeros. Non-finite groups give arbitrary codes:
+  # their stored amax is NaN.
+  codes = _to_codes(jnp.where(ax == 0, x, jnp.where(x < 0, -t, t)), fmt)
   return Encoded(codes=codes, k16=k16, amax=stored_amax)
 
 
