@@ -82,6 +82,45 @@ def _donated_times(opts: dict, grads, params, warmup: int, iters: int) -> dict:
   return {name: tuple(np.median(np.asarray(ts), axis=0)) for name, ts in times.items()}
 
 
+def _codec_costs(rows: int = 16384, iters: int = 7) -> list[tuple[str, float, float]]:
+  """(piece, wall ns, CPU ns) per element of one (rows, 1024) leaf, median of iters runs.
+
+  Each piece ends in a 1-byte output (a compare, or the codes), so the figures are the
+  arithmetic and the reads, not the page faults of a fresh float32 output buffer.
+  """
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  comp = importlib.import_module("mpxla.optim.compress")
+  ex = importlib.import_module("mpxla.optim.expansion")
+  cfg = comp.LeafConfig()
+  x = 0.01 * jax.random.normal(jax.random.key(0), (rows, 1024))
+  enc = jax.jit(lambda a: comp.encode_leaf(a, cfg))(x)
+  flag = lambda a: (a > 0.003).astype(jnp.uint8)  # noqa: E731
+  pieces = {
+      "read float32 (reference)": (lambda a: flag(a), x),
+      "read codes (reference)": (lambda c: flag(c.codes.astype(jnp.float32)), enc),
+      "decode (codes -> float32)": (lambda c: flag(comp.decode_leaf(c)), enc),
+      "group max / nonzero min": (lambda a: ex.group_range(a.reshape(rows, 8, 128)), x),
+      "encode (float32 -> codes, k, amax)": (lambda a: comp.encode_leaf(a, cfg), x),
+  }
+  out = []
+  for name, (f, arg) in pieces.items():
+    f = jax.jit(f)
+    jax.block_until_ready(f(arg))
+    ts = []
+    for _ in range(iters):
+      t, c = time.perf_counter(), time.process_time()
+      jax.block_until_ready(f(arg))
+      ts.append((time.perf_counter() - t, time.process_time() - c))
+    wall, cpu = np.median(np.asarray(ts), axis=0) / x.size * 1e9
+    out.append((name, float(wall), float(cpu)))
+  return out
+
+
 def _codec_errors() -> list[tuple[str, float]]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -133,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--no-timing", action="store_true", help="skip the wall-time table")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the codec's pieces per element (one 16M-element leaf)")
   args = parser.parse_args(argv)
 
   _set_flags()
@@ -206,6 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(per parameter, state donated: optax.adamw {dref[0] / n * 1e9:.2f} ns wall, "
           f"{dref[1] / n * 1e9:.2f} ns CPU; adamw_fp8 {fp8[0] / n * 1e9:.2f} ns wall, "
           f"{fp8[1] / n * 1e9:.2f} ns CPU)")
+
+  if args.breakdown:
+    print()
+    print("| codec piece (16M-element leaf, 1-byte output) | wall ns / element | CPU ns / element |")
+    print("|---|---|---|")
+    for name, wall, cpu in _codec_costs():
+      print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
 
   print()
   print("| codec error | ratio |")
