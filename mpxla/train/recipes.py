@@ -4,10 +4,13 @@
 |--------------|-----------------------------------------|-----------------------------|
 | `bf16`       | BF16 compute, float32 master weights    | AdamW, float32 moments      |
 | `fp8_linear` | `mpxla.nn.quantize(model, 'fp8_linear')`| AdamW, float32 moments      |
+| `fp8_delayed`| `mpxla.nn.quantize(model, 'fp8_delayed')`| AdamW, float32 moments     |
 | `coat`       | `mpxla.nn.quantize(model, 'coat')`      | `adamw_fp8` (E4M3 + expansion) |
 | `hif8`       | `mpxla.nn.quantize(model, 'hif8')`      | `adamw_fp8` (E4M3 + expansion) |
 
-Embeddings and the output head stay in high precision (`HIGH_PRECISION_RULES`).
+Embeddings and the output head stay in high precision (`HIGH_PRECISION_PATHS`).
+`fp8_delayed` keeps amax histories in the model's 'fp8_state' collection; the trainer
+differentiates the loss with respect to it and stores the result (its next value).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import jax
 import optax
 
-RECIPES = ("bf16", "fp8_linear", "coat", "hif8")
+RECIPES = ("bf16", "fp8_linear", "fp8_delayed", "coat", "hif8")
 # Module paths kept in high precision by the FP8 recipes (COAT keeps them too).
 HIGH_PRECISION_PATHS = ("embed", "lm_head", "head")
 

@@ -28,11 +28,15 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mpxla import nn as mnn
 from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
 from mpxla.train import checkpoint, monitor, recipes
 from mpxla.train.config import to_json
 from mpxla.train.tasks import make_task
+
+
+FP8_STATE = mnn.COLLECTION  # 'fp8_state': delayed-scaling amax histories (recipe fp8_delayed)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -98,10 +102,20 @@ class Trainer:
   # --- steps -----------------------------------------------------------------------------
 
   def _train_step(self, state, batch):
-    def loss_fn(params):
-      return self.task.loss(params, state["model_state"], batch, train=True)
+    def loss_fn(params, fp8_state):
+      model_state = state["model_state"]
+      if fp8_state is not None:
+        model_state = {**model_state, FP8_STATE: fp8_state}
+      return self.task.loss(params, model_state, batch, train=True)
 
-    (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # Delayed-scaling amax histories: the gradient with respect to them is their next value
+    # (docs/nn.md); kept as they were if any of it is not finite.
+    fp8_state = state["model_state"].get(FP8_STATE)
+    (_, (metrics, model_state)), (grads, new_fp8) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state["params"], fp8_state)
+    if fp8_state is not None:
+      model_state = {**model_state, FP8_STATE: jax.lax.cond(
+          mnn.all_finite(new_fp8), lambda: new_fp8, lambda: fp8_state)}
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
