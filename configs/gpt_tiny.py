@@ -26,7 +26,8 @@ def get_config(recipe: str = "bf16") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="gpt", vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
       rope_theta=10_000.0, dtype="bfloat16", attention_impl="auto", attention_block=64,
-      num_experts=0, moe_top_k=2, moe_every=2, moe_d_ff=0))
+      num_experts=0, moe_top_k=2, moe_every=2, moe_d_ff=0, moe_lbl_scope="global",
+      moe_axis_name=None))
   c.aux_loss_weight = 0.01
 
   c.data = ml_collections.ConfigDict(dict(name="stdlib_bytes", seq_len=128, batch_size=16,

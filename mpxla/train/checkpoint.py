@@ -20,6 +20,11 @@ RESUMABLE_KEYS = ("total_steps", "log_every", "checkpoint_every", "eval_every", 
                   "mesh.expert")
 
 
+# Keys added to the configs after workdirs were made, with the value those runs used: a key
+# absent on one side counts as this value (so old workdirs still resume).
+ADDED_KEYS = {"model.moe_lbl_scope": "global", "model.moe_axis_name": None}
+
+
 class IncompatibleWorkdir(RuntimeError):
   """The workdir holds a run made with a different config."""
 
@@ -39,8 +44,8 @@ def check_compatible(workdir: pathlib.Path, config_dict: dict) -> None:
   saved_path = workdir / "config.json"
   if not saved_path.exists():
     return
-  saved = _flatten(json.loads(saved_path.read_text()))
-  new = _flatten(json.loads(json.dumps(config_dict, default=str)))
+  saved = {**ADDED_KEYS, **_flatten(json.loads(saved_path.read_text()))}
+  new = {**ADDED_KEYS, **_flatten(json.loads(json.dumps(config_dict, default=str)))}
   diff = sorted(k for k in set(saved) | set(new)
                 if k not in RESUMABLE_KEYS and saved.get(k, "<absent>") != new.get(k, "<absent>"))
   if diff:
