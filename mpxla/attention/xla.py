@@ -34,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import DENSE_THRESHOLD, BlockMask
+from mpxla.quant.order import after
 
 # Checkpoint names of the saved output and log-sum-exp (every implementation's custom VJP):
 # under `jax.checkpoint(policy=save_only_these_names(*RESIDUAL_NAMES, ...))` they are kept
@@ -84,21 +85,11 @@ def _attention_fwd(q, k, v, bm, cfg):
   return o, (q, k, v, o, lse, bm)
 
 
-def _fresh(x, ref):
-  """x, unchanged, but not recognizable by XLA as the forward pass's x: its bits are divided
-  by 1 + [ref[0] < -inf] (one). Otherwise XLA (on CPU, which drops `jax.checkpoint`'s
-  optimization barriers) merges the backward's float32 copies of q, k, v, o with the
-  forward's and keeps those alive from one pass to the other."""
-  bits = {2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
-  if bits is None:
-    return x
-  one = (1 + (ref.reshape(-1)[0] < -jnp.inf)).astype(bits)
-  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) // one, x.dtype)
-
-
 def _attention_bwd(cfg, res, do):
   q, k, v, o, lse, bm = res
-  q, k, v, o = (_fresh(a, lse) for a in (q, k, v, o))
+  # Not recognizable by XLA as the forward's q, k, v, o (which it would otherwise merge with
+  # the backward's float32 copies and keep alive from one pass to the other, on CPU).
+  q, k, v, o = (after(a, lse) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
   zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros

@@ -37,6 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mpxla import formats, quant
 from mpxla.attention import RESIDUAL_NAMES as ATTENTION_RESIDUALS
+from mpxla.quant.order import after  # noqa: F401  (re-exported: flow.after)
 
 RESIDUAL = "mpxla_fp8"  # FP8 codes, scales and amaxes kept for the backward pass.
 KEEP = "mpxla_keep"  # Inputs of layers kept in high precision (saved as they are).
@@ -49,39 +50,6 @@ AxisName = str | Sequence[str] | None
 def tag(tree: Any, name: str = RESIDUAL) -> Any:
   """Names every array of `tree` for `jax.checkpoint` policies (a no-op outside remat)."""
   return jax.tree.map(lambda a: checkpoint_name(a, name), tree)
-
-
-def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
-  """x, unchanged, as a value XLA computes only once `deps` exist (differentiable: identity).
-
-  The bit pattern of x is divided by 1 + [d < -inf] (one for every float, NaN included) over
-  one element d of each dep: XLA cannot prove the divisor constant, so it (1) computes x
-  after the deps, (2) materializes x as it is: an integer division is never duplicated into
-  consumers by fusion, so a cast is not redone in every consumer with its float32 input
-  kept alive instead, and bfloat16 is not widened to float32 (XLA on CPU otherwise keeps
-  bfloat16 results in float32 and upcasts FP8 operands), and (3) does not merge x with an
-  identical computation elsewhere (a forward value with its recomputation in the backward).
-  """
-  if x.dtype.itemsize not in (1, 2, 4):  # (float64) no such hint: x as it is
-    return x
-  return _after(x, tuple(jnp.asarray(d).reshape(-1)[:1] for d in deps))
-
-
-@jax.custom_jvp
-def _after(x, firsts):
-  one = jnp.ones((), jnp.uint8)
-  for d in firsts:
-    one = one + (d[0] < -jnp.inf).astype(jnp.uint8)
-  bits_dtype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-  if x.dtype == bits_dtype:
-    return x // one.astype(bits_dtype)
-  bits = jax.lax.bitcast_convert_type(x, bits_dtype) // one.astype(bits_dtype)
-  return jax.lax.bitcast_convert_type(bits, x.dtype)
-
-
-@_after.defjvp
-def _after_jvp(primals, tangents):
-  return _after(*primals), tangents[0]
 
 
 def stored(q: quant.QTensor) -> quant.QTensor:

@@ -35,7 +35,6 @@ from mpxla.train import checkpoint, monitor, recipes
 from mpxla.train.config import to_json
 from mpxla.train.tasks import make_task
 
-
 FP8_STATE = mnn.COLLECTION  # 'fp8_state': delayed-scaling amax histories (recipe fp8_delayed)
 
 

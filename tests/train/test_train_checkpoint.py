@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mpxla.train import checkpoint, config as config_lib
+from mpxla.train import checkpoint
+from mpxla.train import config as config_lib
 
 
 def _config_dict(**overrides):
