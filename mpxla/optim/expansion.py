@@ -126,27 +126,15 @@ def expansion_k16(amax: jax.Array, amin: jax.Array, fmt: str | Format = "e4m3") 
   """16 * k as uint8: floor(16 * log2(M^2 / 2) / log2(amax / amin)), clipped to [1, 255].
 
   log2(amax / amin) is computed as log2(amax) - log2(amin) (no overflow); R = 1,
-  all-zero and non-finite groups get 255.
-  """
-  return _k16_from_ratio(_k16_ratio(amax, amin, fmt))
-
-
-def _k16_ratio(amax: jax.Array, amin: jax.Array, fmt: str | Format) -> jax.Array:
-  """16 log2(M^2 / 2) / log2(amax / amin), +inf where k is clamped to its maximum.
-
-  Ends in a division, which XLA stores instead of recomputing it inside every
-  per-element consumer (the logs before it would otherwise be evaluated once per
-  element, not once per group).
+  all-zero and non-finite groups get 255 (the ratio is +inf there, never NaN). The ratio
+  ends in a division, which XLA stores once per group: the logs before it would
+  otherwise be re-evaluated for every element of the encoder's loop.
   """
   fmt = get_format(fmt)
   l16 = float(K_DENOM * math.log2(fmt.max**2 / 2.0))
   ok = _usable(amax) & (amin <= amax)
   lr = fastmath.log2(jnp.where(ok, amax, 1.0)) - fastmath.log2(jnp.where(ok, amin, 1.0))
-  return l16 / jnp.where(ok & (lr > 0), lr, 0.0)  # l16 / 0 = +inf.
-
-
-def _k16_from_ratio(ratio: jax.Array) -> jax.Array:
-  # floor(+inf) = +inf clips to K16_MAX; the ratio is never NaN.
+  ratio = l16 / jnp.where(ok & (lr > 0), lr, 0.0)  # l16 / 0 = +inf.
   return jnp.clip(jnp.floor(ratio), K16_MIN, K16_MAX).astype(jnp.uint8)
 
 
@@ -173,7 +161,7 @@ def encode(
   # Per-group values end in an op XLA deems expensive (log, divide), so they are
   # computed once per group instead of inside the per-element loop.
   if expansion:
-    k16 = _k16_from_ratio(_k16_ratio(amax, amin, fmt))
+    k16 = expansion_k16(amax, amin, fmt)
     k = k16.astype(jnp.float32) * (1.0 / K_DENOM)  # Exact: k16 / 16.
     # t = M * (|x| / amax)^k = 2^(log2 M + k (log2|x| - log2 amax)).
     lmax = jnp.log2(safe_amax)
