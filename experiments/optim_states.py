@@ -3,12 +3,14 @@
 Prints, for optax.adamw (float32 moments) and mpxla.optim.adamw_fp8:
   - optimizer-state bytes per parameter (COAT's layout computed for comparison),
   - the jitted update's compiled temp bytes vs the largest leaf's float32 moments,
-  - the jitted update's wall time (median of timed runs) as a ratio to optax.adamw,
+  - the jitted update's wall and CPU time (medians of timed runs) as ratios to optax.adamw,
+    also with the state donated as in a train step,
+  - with --breakdown, the codec's pieces (decode, group reduction, encode) per element,
 and the codec's error ratios against plain per-group E4M3.
 
 Run from the repository root:
   .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
-  [--bias] [--no-timing]
+  [--bias] [--no-timing] [--breakdown]
 
 XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (XLA's
 memory-minimizing schedule) before jax is imported; timings use that schedule too.
