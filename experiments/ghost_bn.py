@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any
 
+import _common  # experiments/_common.py
+
 NAME = "ghost_bn"
 TITLE = "6. Ghost BatchNorm at a large global batch (CNN, digits, 8 devices)"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -90,14 +92,6 @@ def train_one(variant: str, seed: int, lr: float, s: dict[str, Any],
           "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
 
 
-def _stats(values) -> dict[str, float]:
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-          "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
-
-
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """One row per (lr, variant): final val accuracy / loss and train loss over seeds."""
   rows = []
@@ -109,12 +103,12 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
       mid = len(sel[0]["val"]) // 2 - 1  # the evaluation halfway through
       rows.append({
           "lr": lr, "variant": v, "seeds": [r["seed"] for r in sel],
-          "val_accuracy": _stats([r["final_val_accuracy"] for r in sel]),
-          "val_loss": _stats([r["final_val_loss"] for r in sel]),
-          "train_loss": _stats([r["final_train_loss"] for r in sel]),
+          "val_accuracy": _common.stats([r["final_val_accuracy"] for r in sel]),
+          "val_loss": _common.stats([r["final_val_loss"] for r in sel]),
+          "train_loss": _common.stats([r["final_train_loss"] for r in sel]),
           "mid_step": sel[0]["val"][mid][0],
-          "mid_val_accuracy": _stats([r["val"][mid][1] for r in sel]),
-          "mid_val_loss": _stats([r["val"][mid][2] for r in sel])})
+          "mid_val_accuracy": _common.stats([r["val"][mid][1] for r in sel]),
+          "mid_val_loss": _common.stats([r["val"][mid][2] for r in sel])})
   return rows
 
 
@@ -127,17 +121,9 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
     raise ValueError(f"variants={variants!r}: choose from {VARIANTS}.")
   import jax  # pylint: disable=import-outside-toplevel
 
-  if jax.device_count() != DEVICES:
-    raise RuntimeError(
-        f"ghost_bn needs {DEVICES} devices, found {jax.device_count()}: run it as a script "
-        f"(main() sets XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}) or set that "
-        "flag before importing jax.")
+  _common.require_devices("ghost_bn", DEVICES)
   out_dir = pathlib.Path(out_dir)
-  s = dict(QUICK if quick else FULL)
-  if steps:
-    s.update(steps=steps, eval_every=max(1, steps // 10))
-  if seeds:
-    s["seeds"] = tuple(seeds)
+  s = _common.settings(quick, QUICK, FULL, steps=steps, seeds=seeds, evals=10)
   runs_dir = out_dir / "runs"
   runs_dir.mkdir(parents=True, exist_ok=True)
   from mpxla.data.digits import Digits  # pylint: disable=import-outside-toplevel

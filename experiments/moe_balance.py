@@ -43,6 +43,7 @@ import sys
 import time
 from typing import Any
 
+import _common  # experiments/_common.py
 import numpy as np
 
 NAME = "moe_balance"
@@ -343,12 +344,6 @@ def train_and_analyse(scope: str, seed: int, s: dict[str, Any], workdir: pathlib
           "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
 
 
-def _stats(values) -> dict[str, float]:
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-          "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
-
-
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
   """Per scope, mean/std over seeds of the losses and the per-layer routing statistics."""
   table = {}
@@ -357,23 +352,23 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not sel:
       continue
     layers = sorted(sel[0]["eval"]["layers"])
-    row = {"val_loss": _stats([r["eval"]["val_loss"] for r in sel]),
-           "trainer_val_loss": _stats([r["trainer_final_val_loss"] for r in sel]),
-           "train_loss": _stats([r["final_train_loss"] for r in sel]),
+    row = {"val_loss": _common.stats([r["eval"]["val_loss"] for r in sel]),
+           "trainer_val_loss": _common.stats([r["trainer_final_val_loss"] for r in sel]),
+           "train_loss": _common.stats([r["final_train_loss"] for r in sel]),
            "val_loss_per_domain": {
-               d: _stats([r["eval"]["val_loss_per_domain"][d] for r in sel])
+               d: _common.stats([r["eval"]["val_loss_per_domain"][d] for r in sel])
                for d in sel[0]["eval"]["val_loss_per_domain"]},
            "layers": {}}
     for layer in layers:
       ls = [r["eval"]["layers"][layer] for r in sel]
       row["layers"][layer] = {
-          "mi_domain": _stats([x["domain"]["mutual_information"] for x in ls]),
-          "h_expert_given_domain": _stats([x["domain"]["h_expert_given"] for x in ls]),
-          "h_expert": _stats([x["domain"]["h_expert"] for x in ls]),
-          "mi_byte_class": _stats([x["byte_class"]["mutual_information"] for x in ls]),
-          "lbl_global": _stats([x["lbl_global"] for x in ls]),
-          "lbl_micro_batch": _stats([x["lbl_micro_batch"] for x in ls]),
-          "max_load_over_mean": _stats([x["max_load_over_mean"] for x in ls])}
+          "mi_domain": _common.stats([x["domain"]["mutual_information"] for x in ls]),
+          "h_expert_given_domain": _common.stats([x["domain"]["h_expert_given"] for x in ls]),
+          "h_expert": _common.stats([x["domain"]["h_expert"] for x in ls]),
+          "mi_byte_class": _common.stats([x["byte_class"]["mutual_information"] for x in ls]),
+          "lbl_global": _common.stats([x["lbl_global"] for x in ls]),
+          "lbl_micro_batch": _common.stats([x["lbl_micro_batch"] for x in ls]),
+          "max_load_over_mean": _common.stats([x["max_load_over_mean"] for x in ls])}
     table[scope] = row
   return table
 
@@ -391,17 +386,9 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
     raise ValueError(f"scopes={scopes!r}: choose from {SCOPES}.")
   import jax  # pylint: disable=import-outside-toplevel
 
-  if jax.device_count() != DEVICES:
-    raise RuntimeError(
-        f"moe_balance needs {DEVICES} devices, found {jax.device_count()}: run it as a script "
-        f"(main() sets XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}) or set that "
-        "flag before importing jax.")
+  _common.require_devices("moe_balance", DEVICES)
   out_dir = pathlib.Path(out_dir)
-  s = dict(QUICK if quick else FULL)
-  if steps:
-    s.update(steps=steps, eval_every=max(1, steps // 8))
-  if seeds:
-    s["seeds"] = tuple(seeds)
+  s = _common.settings(quick, QUICK, FULL, steps=steps, seeds=seeds, evals=8)
   runs_dir = out_dir / "runs"
   runs_dir.mkdir(parents=True, exist_ok=True)
   t0, c0 = time.time(), time.process_time()

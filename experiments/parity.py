@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any
 
+import _common  # experiments/_common.py
+
 NAME = "parity"
 TITLE = "2. Loss parity (default GPT, four recipes, three seeds)"
 
@@ -214,27 +216,19 @@ def dump_moments(workdir: pathlib.Path, path: pathlib.Path) -> dict[str, Any]:
 # --- the experiment ------------------------------------------------------------------------
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-          "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
-
-
 def aggregate(runs: list[dict[str, Any]], recipes: tuple[str, ...]) -> dict[str, Any]:
   """Per recipe: final val loss over seeds, % difference to bf16 (of the means; paired by seed)."""
   final = {r: {x["seed"]: x["final_val_loss"] for x in runs if x["recipe"] == r} for r in recipes}
   base = final.get("bf16")
   table = {}
   for r in recipes:
-    row = {"final_val_loss": _stats(list(final[r].values())),
-           "final_train_loss": _stats([x["final_train_loss"] for x in runs if x["recipe"] == r])}
+    row = {"final_val_loss": _common.stats(list(final[r].values())),
+           "final_train_loss": _common.stats([x["final_train_loss"] for x in runs if x["recipe"] == r])}
     if base:
-      b = _stats(list(base.values()))["mean"]
+      b = _common.stats(list(base.values()))["mean"]
       row["rel_to_bf16_pct"] = 100.0 * (row["final_val_loss"]["mean"] / b - 1.0)
       paired = [100.0 * (final[r][s] / base[s] - 1.0) for s in final[r] if s in base]
-      row["paired_rel_to_bf16_pct"] = _stats(paired) if paired else None
+      row["paired_rel_to_bf16_pct"] = _common.stats(paired) if paired else None
     table[r] = row
   return table
 

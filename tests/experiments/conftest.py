@@ -1,0 +1,8 @@
+"""The section scripts import their sibling experiments/_common.py: put experiments/ on sys.path."""
+
+import pathlib
+import sys
+
+_EXPERIMENTS = str(pathlib.Path(__file__).resolve().parents[2] / "experiments")
+if _EXPERIMENTS not in sys.path:
+  sys.path.insert(0, _EXPERIMENTS)
