@@ -6,6 +6,8 @@ experiments/report.py, and in tests/experiments (its conftest).
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -38,3 +40,18 @@ def settings(quick: bool, quick_settings: dict[str, Any], full_settings: dict[st
   if seeds:
     s["seeds"] = tuple(seeds)
   return s
+
+
+def load_results(out_dir) -> tuple[pathlib.Path, dict[str, Any]]:
+  """(out_dir as a Path, the dict in out_dir/results.json)."""
+  out_dir = pathlib.Path(out_dir)
+  return out_dir, json.loads((out_dir / "results.json").read_text())
+
+
+def save_figure(fig, path, dpi: int = 90, rect=None) -> None:
+  """Lays out `fig` (inside `rect` if given), writes it to `path` and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig.tight_layout(**({} if rect is None else {"rect": rect}))
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)

@@ -209,9 +209,7 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
       axes[i, j].set_xlabel("step")
       axes[i, j].grid(alpha=0.3)
       axes[i, j].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=75)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=75)
 
 
 def _pm(st: dict[str, float], fmt: str = ".4f") -> str:
@@ -219,8 +217,7 @@ def _pm(st: dict[str, float], fmt: str = ".4f") -> str:
 
 
 def render(out_dir: pathlib.Path) -> str:
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   png = out_dir / "ghost_bn_val.png"
   plot(res, png)
   s = res["settings"]
@@ -345,7 +342,7 @@ if __name__ == "__main__":
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Header figures for docs/results.md: validation accuracy and loss per BatchNorm variant."""
-  table = json.loads((pathlib.Path(out_dir) / "results.json").read_text())["table"]
+  table = _common.load_results(out_dir)[1]["table"]
   lr = max(row["lr"] for row in table)
   rows = [row for row in table if row["lr"] == lr]
   acc = ", ".join(f"{r['variant']} {r['val_accuracy']['mean']:.4f}" for r in rows)

@@ -58,6 +58,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _common  # experiments/_common.py
+
 NAME = "memory"
 TITLE = "1. Memory breakdown (AOT, 8-device FSDP)"
 
@@ -507,8 +509,7 @@ def _unit(rows: list[dict]) -> tuple[float, str]:
 
 def render(out_dir: pathlib.Path) -> str:
   """The markdown of the section from out_dir/results.json (and its PNGs)."""
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   rows = res["rows"]
   searches = sorted(res["searches"], key=lambda s: (s["size"], RECIPES.index(s["recipe"])))
   scale, unit = _unit(rows)
@@ -619,7 +620,7 @@ def render(out_dir: pathlib.Path) -> str:
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = json.loads((pathlib.Path(out_dir) / "results.json").read_text())
+  res = _common.load_results(out_dir)[1]
   by = {(r["size"], r["recipe"]): r for r in res["rows"]}
   size = list(dict.fromkeys(r["size"] for r in res["rows"]))[-1]
   out = {}
@@ -714,9 +715,7 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out_dir / "breakdown.png")
-  plt.close(fig)
+  _common.save_figure(fig, out_dir / "breakdown.png", dpi=100)
 
   if not res["searches"]:
     return {"breakdown": "breakdown.png"}
@@ -729,9 +728,7 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
   ax.set_ylabel(f"peak {unit} per device")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out_dir / "batch_search.png")
-  plt.close(fig)
+  _common.save_figure(fig, out_dir / "batch_search.png", dpi=100)
   return {"breakdown": "breakdown.png", "search": "batch_search.png"}
 
 

@@ -498,9 +498,7 @@ def plot_curves(res: dict[str, Any], path: pathlib.Path) -> None:
   ax2.grid(alpha=0.3)
   if ax2.get_legend_handles_labels()[0]:
     ax2.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=90)
 
 
 def plot_shares(res: dict[str, Any], path: pathlib.Path) -> None:
@@ -529,9 +527,7 @@ def plot_shares(res: dict[str, Any], path: pathlib.Path) -> None:
       ax.set_title(f"{scope}, {layer}: I(E;D) = {st['mutual_information']:.3f} bits", fontsize=9)
       fig.colorbar(im, ax=ax, fraction=0.04)
   fig.suptitle(f"share of each domain's routed slots per expert (seed {seed})", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=90)
 
 
 def _pm(st: dict[str, float], fmt: str = ".4f") -> str:
@@ -539,8 +535,7 @@ def _pm(st: dict[str, float], fmt: str = ".4f") -> str:
 
 
 def render(out_dir: pathlib.Path) -> str:
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   curves, shares = out_dir / "moe_balance_loss.png", out_dir / "moe_balance_shares.png"
   plot_curves(res, curves)
   plot_shares(res, shares)
@@ -731,7 +726,7 @@ if __name__ == "__main__":
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Header figures for docs/results.md: validation loss and expert-domain information by scope."""
-  table = json.loads((pathlib.Path(out_dir) / "results.json").read_text())["table"]
+  table = _common.load_results(out_dir)[1]["table"]
   loss = " vs ".join(f"{table[s]['val_loss']['mean']:.4f}" for s in ("micro_batch", "global"))
   layers = sorted(table["global"]["layers"])
   mi = "; ".join(

@@ -362,14 +362,11 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
   ax2.set_title("relative to bf16 (band: min..max over seeds)")
   ax2.legend()
   ax2.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=90)
 
 
 def render(out_dir: pathlib.Path) -> str:
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   png = out_dir / "parity_val_loss.png"
   plot(res, png)
   t = res["table"]
@@ -419,7 +416,7 @@ def render(out_dir: pathlib.Path) -> str:
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = json.loads((pathlib.Path(out_dir) / "results.json").read_text())
+  res = _common.load_results(out_dir)[1]
   t = res["table"]
   if "coat" not in t or "bf16" not in t:
     return {}

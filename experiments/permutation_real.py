@@ -42,6 +42,7 @@ import shutil
 import tempfile
 import time
 
+import _common  # experiments/_common.py
 import numpy as np
 
 NAME = "permutation"
@@ -523,7 +524,7 @@ def _best(st, prefix, r=HEADLINE_RECALL):
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = json.loads((pathlib.Path(out_dir) / "results.json").read_text())
+  res = _common.load_results(out_dir)[1]
   out = {}
   for st in [res] + res.get("extra", []):
     r = HEADLINE_RECALL
@@ -559,10 +560,8 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
     ax.set_title(f"{r:.0%} recall, T={st['context']}, block {st['block']}", fontsize=9)
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
-  fig.tight_layout(rect=(0, 0.14, 1, 1))
   bars = f"permutation_blocks{tag}.png"
-  fig.savefig(out_dir / bars, dpi=80)
-  plt.close(fig)
+  _common.save_figure(fig, out_dir / bars, dpi=80, rect=(0, 0.14, 1, 1))
 
   names = list(st["maps"])
   keys = list(st["maps"][names[0]])
@@ -583,10 +582,8 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
           ax.set_ylabel(f"layer {li}", fontsize=8)
   fig.suptitle(f"log10 block mass, -4 (black) to 0 (white); rows: query blocks, columns: key "
                f"slots; {st['docs'][0]}, T={st['context']}", fontsize=9)
-  fig.tight_layout()
   maps = f"permutation_maps{tag}.png"
-  fig.savefig(out_dir / maps, dpi=80)
-  plt.close(fig)
+  _common.save_figure(fig, out_dir / maps, dpi=80)
   return [bars, maps]
 
 
@@ -681,8 +678,7 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
 
 def render(out_dir: pathlib.Path) -> str:
   """Markdown for docs/results.md from out_dir/results.json (writes the PNGs there)."""
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   studies = [res] + res.get("extra", [])
   lines = [
       "**Definitions.** Block mass M[i, j] = mean over the queries of query block i of the "

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any
 
+import _common  # experiments/_common.py
+
 NAME = "state_error"
 TITLE = "3. Optimizer-state quantization error (COAT Table 1, from real AdamW states)"
 
@@ -375,14 +377,11 @@ def plot_k(res: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlim(0, 16)
     ax.legend()
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=90)
 
 
 def render(out_dir: pathlib.Path) -> str:
-  out_dir = pathlib.Path(out_dir)
-  res = json.loads((out_dir / "results.json").read_text())
+  out_dir, res = _common.load_results(out_dir)
   png = out_dir / "state_error_k.png"
   plot_k(res, png)
   src = res["input"]
@@ -450,7 +449,7 @@ def render(out_dir: pathlib.Path) -> str:
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = json.loads((pathlib.Path(out_dir) / "results.json").read_text())
+  res = _common.load_results(out_dir)[1]
   if not {"e4m3", "hif8"} <= {c["fmt_m"] for c in res["cells"]}:
     return {}
   c = lambda fm, fv, e: cell(res, fm, fv, e)["nmse"]  # noqa: E731
