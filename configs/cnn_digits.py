@@ -28,8 +28,9 @@ def get_config(variant: str = "global") -> ml_collections.ConfigDict:
       # 'local' statistics are per device: name the batch's mesh axes.
       bn_axis_name=["data", "fsdp", "expert"] if variant == "local" else None))
   c.data = ml_collections.ConfigDict(dict(name="digits", batch_size=128, image_shape=[8, 8, 1]))
+  # decay_steps=None: the cosine decay lasts total_steps (an override of total_steps follows).
   c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, warmup_steps=20, decay_steps=300, final_lr_fraction=0.1, b1=0.9, b2=0.999,
+      lr=3e-3, warmup_steps=20, decay_steps=None, final_lr_fraction=0.1, b1=0.9, b2=0.999,
       eps=1e-8, weight_decay=1e-4, grad_clip=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

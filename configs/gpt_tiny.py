@@ -32,8 +32,9 @@ def get_config(recipe: str = "bf16") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(name="stdlib_bytes", seq_len=128, batch_size=16,
                                           val_percent=5))
+  # decay_steps=None: the cosine decay lasts total_steps (an override of total_steps follows).
   c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, warmup_steps=30, decay_steps=300, final_lr_fraction=0.1, b1=0.9, b2=0.95,
+      lr=3e-3, warmup_steps=30, decay_steps=None, final_lr_fraction=0.1, b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.1, grad_clip=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -6,9 +6,23 @@ step for the config and mesh without running it and prints the memory breakdown.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from mpxla.train import preemption
+
+preemption.install()  # first: a SIGTERM during start-up is remembered, not fatal
+
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+# Causes of OSError that are the file system's, reported as one line (no traceback).
+_FS_ERRNOS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+              errno.EDQUOT: "disk quota exceeded"}
+_FS_TEXTS = {"Read-only file system": errno.EROFS, "No space left on device": errno.ENOSPC,
+             "Permission denied": errno.EACCES, "Disk quota exceeded": errno.EDQUOT}
 
 
 def parse(argv: list[str]):
@@ -28,6 +42,30 @@ def parse(argv: list[str]):
   return args, overrides
 
 
+def filesystem_error(e: BaseException, workdir: str | None) -> str | None:
+  """'cannot write PATH: CAUSE' if a file-system fault is behind `e` (any link of its chain)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    if code is None:
+      code = next((c for text, c in _FS_TEXTS.items() if text in str(e)), None)
+    if code in _FS_ERRNOS:
+      path = getattr(e, "filename", None) or workdir or "the workdir"
+      return f"cannot write {path}: {_FS_ERRNOS[code]}. Nothing already saved was removed."
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _simulate_devices_for_aot(config) -> None:
+  """--aot on CPU: simulate as many host devices as the mesh names (before JAX starts)."""
+  sizes = [int(v) for v in dict(config.get("mesh", {})).values() if isinstance(v, int) and v > 0]
+  n = math.prod(sizes) if sizes else 1
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
   args, overrides = parse(sys.argv[1:] if argv is None else argv)
   from mpxla.train import config as config_lib
@@ -36,12 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load(args.config)
     for key, value in overrides:
       config_lib.override(config, key, value)
+    config_lib.resolve(config)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.aot:
+    _simulate_devices_for_aot(config)
+  try:
+    return _main(args, config)
+  except Exception as e:
+    message = filesystem_error(e, args.workdir)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
-  import os
 
+def _main(args, config) -> int:
   import jax
 
   if os.environ.get("MPXLA_CPU_COLLECTIVES"):  # e.g. 'gloo' for CPU processes on one machine
@@ -49,16 +98,18 @@ def main(argv: list[str] | None = None) -> int:
   from mpxla.parallel import initialize
 
   initialize()
-  from mpxla.train.checkpoint import IncompatibleWorkdir
-  from mpxla.train.trainer import NonFiniteLoss, Trainer
+  from mpxla.train.checkpoint import IncompatibleWorkdir, NoGoodCheckpoint
+  from mpxla.train.lock import WorkdirLocked
+  from mpxla.train.trainer import NonFiniteLoss, NonFiniteState, Trainer
 
-  trainer = Trainer(config, args.workdir or "/tmp/mpxla-aot")
+  trainer = Trainer(config, args.workdir or "/tmp/mpxla-aot", name=args.config)
   if args.aot:
     print(json.dumps(trainer.aot(), indent=2))
     return 0
   try:
     trainer.run()
-  except (IncompatibleWorkdir, NonFiniteLoss) as e:
+  except (IncompatibleWorkdir, NoGoodCheckpoint, WorkdirLocked, NonFiniteLoss,
+          NonFiniteState) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -5,7 +5,9 @@
 
 An unknown key fails with the close matches; a value of the wrong type fails naming
 the key and both types. Every config has `seed`, `recipe`, `total_steps`, `log_every`,
-`checkpoint_every` and `eval_every`.
+`checkpoint_every` and `eval_every`. `resolve` checks the ranges of the run's numbers
+(`RANGES`) and fills the keys that follow others (`optim.decay_steps=None` follows
+`total_steps`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -79,6 +82,54 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     raise ConfigError(f"--config.{key}={text}: expected {type(old).__name__}, got {type(value).__name__}.")
   with node.ignore_type():
     node[leaf] = value
+
+
+# key: (lowest allowed value, what it means). Keys absent from a config are not checked.
+RANGES = {
+    "total_steps": (1, "the number of training steps"),
+    "log_every": (1, "steps between logged metrics"),
+    "eval_every": (1, "steps between evaluations"),
+    "checkpoint_every": (1, "steps between checkpoints"),
+    "keep_checkpoints": (1, "checkpoints kept on disk"),
+    "eval_batches": (0, "validation batches per evaluation; 0 = one exact pass"),
+    "data.batch_size": (1, "the global batch size"),
+    "data.seq_len": (1, "tokens per sequence"),
+    "optim.warmup_steps": (0, "learning-rate warmup steps"),
+    "optim.decay_steps": (1, "steps of the cosine decay; None follows total_steps"),
+}
+POSITIVE_FLOATS = ("optim.lr",)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A checked copy with `optim.decay_steps=None` replaced by `total_steps`.
+
+  Raises ConfigError naming the key and its allowed range when a number is out of range.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  optim = config.get("optim")
+  if optim is not None and "decay_steps" in optim and optim.decay_steps is None:
+    with optim.ignore_type():
+      optim.decay_steps = config.total_steps
+  flat = {k: _get(config, k) for k in _all_keys(config)}
+  for key, (low, what) in RANGES.items():
+    value = flat.get(key)
+    if key not in flat or (value is None and key == "optim.decay_steps"):
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ConfigError(f"--config.{key}={value!r}: {what} must be an integer >= {low}.")
+  for key in POSITIVE_FLOATS:
+    value = flat.get(key)
+    if key in flat and (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not math.isfinite(value) or value <= 0):
+      raise ConfigError(f"--config.{key}={value!r}: must be a finite number > 0.")
+  return config
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -27,10 +27,11 @@ class MetricsWriter:
         self._tb = None
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (a resumed run rewrites them, so the file has no duplicates)."""
+    """Drops records past `step` (a resumed run rewrites them, so the file has no duplicates)
+    and lines that are not whole records (a full disk can leave a torn last line)."""
     if self.enabled and self.path.exists():
-      keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-      self.path.write_text("".join(ln + "\n" for ln in keep))
+      keep = [r for r in read_metrics(self.path.parent, warn=True) if r["step"] <= step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:
@@ -47,9 +48,23 @@ class MetricsWriter:
       self._tb.close()
 
 
-def read_metrics(workdir) -> list[dict[str, float]]:
+def read_metrics(workdir, warn: bool = False) -> list[dict[str, float]]:
+  """The records of workdir/metrics.jsonl; lines that are not whole records are skipped."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+  if not path.exists():
+    return []
+  records = []
+  for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    try:
+      record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+      records.append(record)
+    elif line.strip() and warn:
+      print(f"warning: {path}:{n} is not a whole record (torn write?); dropped: {line[:80]!r}",
+            file=sys.stderr)
+  return records
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
@@ -108,7 +123,8 @@ def table(title: str, rows: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def plot_losses(workdir: pathlib.Path, records: list[dict[str, float]]) -> pathlib.Path | None:
+def plot_losses(workdir: pathlib.Path, records: list[dict[str, float]],
+                title: str = "") -> pathlib.Path | None:
   """Training and validation loss against step, saved as workdir/loss.png."""
   import matplotlib
 
@@ -128,6 +144,8 @@ def plot_losses(workdir: pathlib.Path, records: list[dict[str, float]]) -> pathl
   ax.set_ylabel("loss")
   ax.grid(alpha=0.3)
   ax.legend()
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   path = workdir / "loss.png"
   fig.savefig(path)

@@ -34,6 +34,7 @@ class LMTask:
   model: nn.Module
   seq_len: int
   aux_loss_weight: float = 0.01
+  unit = "tokens"  # what metrics['weight'] counts: throughput is logged as tokens_per_s
 
   @classmethod
   def from_config(cls, config):
@@ -79,6 +80,7 @@ class ImageTask:
 
   model: nn.Module
   image_shape: tuple[int, ...]
+  unit = "images"
 
   @classmethod
   def from_config(cls, config):

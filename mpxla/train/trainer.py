@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -31,8 +30,10 @@ from jax.sharding import PartitionSpec as P
 from mpxla import nn as mnn
 from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
-from mpxla.train import checkpoint, monitor, recipes
+from mpxla.train import checkpoint, monitor, preemption, recipes
+from mpxla.train import config as config_lib
 from mpxla.train.config import to_json
+from mpxla.train.lock import WorkdirLock, WorkdirLocked
 from mpxla.train.tasks import make_task
 
 FP8_STATE = mnn.COLLECTION  # 'fp8_state': delayed-scaling amax histories (recipe fp8_delayed)
@@ -40,6 +41,10 @@ FP8_STATE = mnn.COLLECTION  # 'fp8_state': delayed-scaling amax histories (recip
 
 class NonFiniteLoss(RuntimeError):
   """The training loss became NaN or inf."""
+
+
+class NonFiniteState(RuntimeError):
+  """A parameter, optimizer state or model state leaf became NaN or inf."""
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -56,9 +61,10 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
 class Trainer:
   """Builds everything a run needs from its config; `run()` trains, `aot()` only compiles."""
 
-  def __init__(self, config, workdir: str | pathlib.Path):
-    self.config = config
+  def __init__(self, config, workdir: str | pathlib.Path, name: str = ""):
+    self.config = config = config_lib.resolve(config)
     self.workdir = pathlib.Path(workdir)
+    self.title = f"{name or 'run'} · recipe {config.recipe} · {self.workdir}"
     self.is_main = jax.process_index() == 0
     self.mesh = parallel.make_mesh(dict(config.mesh))
     self.task = make_task(config)
@@ -117,10 +123,11 @@ class Trainer:
           mnn.all_finite(new_fp8), lambda: new_fp8, lambda: fp8_state)}
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
-               "lr": recipes.schedule(self.config.optim)(state["step"])}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "lr": recipes.schedule(self.config.optim)(state["step"]),
+               "state_finite": checkpoint.finite_flags(new_state)}
     return new_state, metrics
 
   def compile_train_step(self):
@@ -179,74 +186,140 @@ class Trainer:
     return monitor.memory_breakdown(self.abstract_state(), compiled)
 
   def run(self) -> dict[str, Any]:
+    """Trains from the latest good checkpoint to `total_steps` (docs/train.md, Faults)."""
+    with preemption.catch_sigterm() as stop:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      lock = WorkdirLock(self.workdir, warn=self._log) if self.is_main else None
+      refused = None
+      if lock is not None:
+        try:
+          lock.acquire()
+        except WorkdirLocked as e:
+          refused = e
+      if _agree(refused is not None):  # every process stops if process 0 was refused
+        raise refused or WorkdirLocked(f"{self.workdir} is in use by another trainer.")
+      try:
+        return self._run(stop)
+      finally:
+        if lock is not None:
+          lock.release()
+
+  def _run(self, stop) -> dict[str, Any]:
     c = self.config
-    self.workdir.mkdir(parents=True, exist_ok=True)
     config_dict = json.loads(to_json(c))
-    checkpoint.check_compatible(self.workdir, config_dict)
-    if self.is_main:
-      (self.workdir / "config.json").write_text(to_json(c))
-    ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", c.keep_checkpoints)
-    data = self._iterator("train", train=True)
-    start = ckpt.latest_step()
-    if start is None:
-      state, start = self.init_state(), 0
-    else:
-      state, data_state = ckpt.restore(start, self.abstract_state())
-      data.set_state(data_state)
-      self._log(f"resumed from step {start} in {self.workdir}")
+    config_path = self.workdir / "config.json"
+    saved = checkpoint.read_config(self.workdir)
+    checkpoint.check_compatible(saved, config_dict, str(self.workdir))
+
+    def check_config(stored: dict | None, step: int) -> None:
+      if saved is None:  # no config.json: the config saved in the checkpoint decides
+        checkpoint.check_compatible(stored, config_dict, f"checkpoint {step} in {self.workdir}")
+
+    ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", c.keep_checkpoints,
+                                   is_main=self.is_main)
+    try:
+      restored = ckpt.restore_latest(self.abstract_state(), check_config, self._log)
+      data = self._iterator("train", train=True)
+      if restored is None:
+        start = 0
+      else:
+        start, state, data_state = restored
+        data.set_state(data_state)
+      if start >= c.total_steps:
+        self._log(f"already complete at step {start} (total_steps={c.total_steps}) in "
+                  f"{self.workdir}; nothing to do.")
+        return self._previous_summary(start)
+      if start:
+        self._log(f"resumed from step {start} in {self.workdir}")
+      if _agree(stop.requested):
+        return self._stopped_before_first_step(start)
+      compiled = self.compile_train_step()
+      if _agree(stop.requested):
+        return self._stopped_before_first_step(start)
+      if restored is None:
+        state = self.init_state()
+      if self.is_main:
+        config_path.write_text(to_json(c))
+      return self._loop(state, data, start, compiled, ckpt, config_dict, stop)
+    finally:
+      ckpt.close()
+
+  def _stopped_before_first_step(self, start: int) -> dict[str, Any]:
+    saved = f"the latest checkpoint is still step {start}" if start else "no checkpoint exists"
+    self._log(f"SIGTERM before the first step: nothing saved ({saved}); exiting.")
+    return {"preempted_at": start, "saved": False}
+
+  def _previous_summary(self, step: int) -> dict[str, Any]:
+    try:
+      previous = json.loads((self.workdir / "summary.json").read_text())
+    except (OSError, ValueError):
+      previous = {}
+    return {**previous, "steps": step, "resumed_from": step, "already_complete": True}
+
+  def _loop(self, state, data, start, compiled, ckpt, config_dict, stop) -> dict[str, Any]:
+    c = self.config
     writer = monitor.MetricsWriter(self.workdir, enabled=self.is_main)
     writer.truncate_after(start)
-    compiled = self.compile_train_step()
     if start == 0 or c.get("print_memory_on_resume", False):
       mem = monitor.memory_breakdown(state, compiled)
       self._log(monitor.table("memory per device:", {k: monitor.format_bytes(v) for k, v in mem.items()}))
-
-    stop = {"signal": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     bar = monitor.progress_bar(c.total_steps, start, self.is_main and c.get("progress", True))
-    t_start, t_window, tokens_window, steps_window = time.time(), time.time(), 0.0, 0
-    history = []
+    unit = self.task.unit
+    t_start, t_window, count_window, steps_window = time.time(), time.time(), 0.0, 0
+    history, postfix = [], {}
     try:
       for step in range(start, c.total_steps):
         batch = self._global(next(data))
         state, metrics = compiled(state, batch)
         metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics["loss"])):
-          raise NonFiniteLoss(
-              f"loss is {float(metrics['loss'])} at step {step + 1}; stopping. The last good "
-              f"checkpoint is step {ckpt.latest_step()} in {self.workdir / 'checkpoints'}.")
         done = step + 1
-        tokens_window += float(metrics["weight"])
+        self._check_finite(metrics, done, ckpt)
+        count_window += float(metrics["weight"])
         steps_window += 1
         bar.update(1)
         if done % c.log_every == 0 or done == c.total_steps:
           dt = time.time() - t_window
           record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
-                    "step_time": dt / steps_window, "tokens_per_s": tokens_window / dt}
+                    "step_time": dt / steps_window, f"{unit}_per_s": count_window / dt}
           if "accuracy" in metrics:
             record["accuracy"] = metrics["accuracy"]
           writer.write(done, **record)
           history.append({"step": done, **record})
-          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                          tok_s=f"{tokens_window / dt:,.0f}", refresh=False)
-          t_window, tokens_window, steps_window = time.time(), 0.0, 0
+          postfix.update(loss=f"{float(metrics['loss']):.4f}",
+                         **{f"{unit[:3]}_s": f"{count_window / dt:,.0f}"})
+          bar.set_postfix(postfix, refresh=False)
+          t_window, count_window, steps_window = time.time(), 0.0, 0
         if done % c.eval_every == 0 or done == c.total_steps:
           ev = self.evaluate(state)
           writer.write(done, **ev)
           history.append({"step": done, **ev})
-        if _agree(stop["signal"]):
-          ckpt.save(done, state, data.get_state(), force=True)
+          postfix["val_loss"] = f"{ev['val_loss']:.4f}"
+          bar.set_postfix(postfix, refresh=False)
+        if _agree(stop.requested):
+          ckpt.save(done, state, data.get_state(), config_dict, force=True)
           ckpt.wait()
           self._log(f"SIGTERM: saved step {done} to {self.workdir / 'checkpoints'}; exiting.")
-          return {"preempted_at": done}
+          return {"preempted_at": done, "saved": True}
         if done % c.checkpoint_every == 0 or done == c.total_steps:
-          ckpt.save(done, state, data.get_state())
+          ckpt.save(done, state, data.get_state(), config_dict)
+      ckpt.wait()
     finally:
       bar.close()
-      ckpt.close()
       writer.close()
-      signal.signal(signal.SIGTERM, previous)
     return self._summary(history, time.time() - t_start, start, c.total_steps)
+
+  def _check_finite(self, metrics, step: int, ckpt) -> None:
+    """Stops before anything of a non-finite step is logged or saved."""
+    loss = float(metrics["loss"])
+    last = (f"The last good checkpoint is step {ckpt.latest_step()} in "
+            f"{self.workdir / 'checkpoints'}; nothing of step {step} was saved.")
+    if not math.isfinite(loss):
+      raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. {last}")
+    flags = np.asarray(metrics["state_finite"])
+    if not flags.all():
+      leaf = checkpoint.floating_paths(self.abstract_state())[int(np.argmin(flags))]
+      raise NonFiniteState(f"after step {step} the train state's leaf {leaf} is not finite "
+                           f"(the loss, {loss:.4g}, is: a bad update); stopping. {last}")
 
   def _summary(self, history, wall, start, last_step) -> dict[str, Any]:
     records = monitor.read_metrics(self.workdir) if self.is_main else history
@@ -257,11 +330,12 @@ class Trainer:
                "final_val_loss": val[-1]["val_loss"] if val else None}
     if val and "val_accuracy" in val[-1]:
       summary["final_val_accuracy"] = val[-1]["val_accuracy"]
-    if train:
-      summary["tokens_per_s"] = round(float(np.median([r["tokens_per_s"] for r in train])), 1)
+    rate = f"{self.task.unit}_per_s"
+    if train and all(rate in r for r in train):
+      summary[rate] = round(float(np.median([r[rate] for r in train])), 1)
     if self.is_main:
       if self.config.get("plot", True):
-        path = monitor.plot_losses(self.workdir, records)
+        path = monitor.plot_losses(self.workdir, records, title=self.title)
         summary["plot"] = str(path) if path else None
       (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
       self._log(monitor.table("summary:", summary))
@@ -273,7 +347,7 @@ class Trainer:
 
 
 def _agree(flag: bool) -> bool:
-  """True on every process if any process got the signal (all must save the same step)."""
+  """True on every process if it is True on any (e.g. a SIGTERM: all must save the same step)."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
