@@ -150,9 +150,23 @@ def expansion_params(x: jax.Array, fmt: str | Format = "e4m3") -> ExpansionParam
 
 
 def encode(
-    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True
+    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True,
+    bits: jax.Array | None = None,
 ) -> Encoded:
-  """Encodes groups along the last axis of x (see module docstring for the formula)."""
+  """Encodes groups along the last axis of x (see module docstring for the formula).
+
+  bits: None rounds to nearest (ties to even) in the expanded domain. A uint32
+  array of x's shape (random bits) selects stochastic rounding, unbiased in x's
+  own domain: with lo < hi the two neighbouring codes around t and d(q) the
+  decoded magnitude of code q, |x| is stored as hi with probability
+
+    p = (|x| - d(lo)) / (d(hi) - d(lo)),   so E[decode] = x exactly,
+
+  decided by u < p with u = (bits >> 8) * 2^-24 (E4M3 / E5M2 only). Rounding t
+  itself without bias would leave decode biased low by the curvature of
+  |q|^(1/k) (about 1e-4 relative per encode, which an EMA with decay b
+  accumulates to 1e-4 / (1 - b)).
+  """
   fmt = get_format(fmt)
   x = x.astype(jnp.float32)
   amax, amin = group_range(x)
@@ -177,31 +191,54 @@ def encode(
   # nonzero x gets at least the smallest nonzero code, the group max maps to M.
   t = jnp.where(t < fmt.min_subnormal, fmt.min_subnormal, t)
   t = jnp.where((t > fmt.max) | (ax == amax), fmt.max, t)
-  # Zeros (and -0.0) stay exact zeros. Non-finite groups give arbitrary codes:
-  # their stored amax is NaN.
-  codes = _to_codes(jnp.where(ax == 0, x, jnp.where(x < 0, -t, t)), fmt)
+  if bits is None:
+    # Zeros (and -0.0) stay exact zeros. Non-finite groups give arbitrary codes:
+    # their stored amax is NaN.
+    codes = _to_codes(jnp.where(ax == 0, x, jnp.where(x < 0, -t, t)), fmt)
+  else:
+    if not fp8bits.supports(fmt.name):
+      raise ValueError(f"stochastic rounding supports fmt 'e4m3' and 'e5m2', not {fmt.name!r}.")
+    lo = fp8bits.floor_code(t, fmt.name)
+    hi = jnp.minimum(lo + 1, fp8bits.MAX_CODE[fmt.name])
+    dec = _decode_params(k16, stored_amax, fmt)
+    d_lo = _magnitude(fp8bits.code_value(lo, fmt.name), stored_amax, dec, fmt)
+    d_hi = _magnitude(fp8bits.code_value(hi, fmt.name), stored_amax, dec, fmt)
+    u = (bits >> 8).astype(jnp.float32) * 2.0**-24
+    mag = jnp.where(u * (d_hi - d_lo) < ax - d_lo, hi, lo)  # P(hi) = p, without a division.
+    codes = fp8bits.with_sign(jnp.where(ax == 0, 0, mag), jnp.signbit(x), fmt.name)
   return Encoded(codes=codes, k16=k16, amax=stored_amax)
+
+
+def _decode_params(
+    k16: jax.Array | None, amax: jax.Array, fmt: Format
+) -> tuple[jax.Array, jax.Array | None]:
+  """Per-group decode constants: (a, 1/k) with |x'| = 2^(a + log2|q| / k), or (amax / M, None).
+
+  a = log2 amax - log2 M / k; amax * 0 makes it NaN for a non-finite group (stored
+  amax = NaN), which makes the group's whole decode NaN.
+  """
+  if k16 is None:
+    return amax / fmt.max, None
+  inv_k = K_DENOM / k16.astype(jnp.float32)
+  a = jnp.log2(jnp.where(_usable(amax), amax, 1.0)) + amax * 0.0 - math.log2(fmt.max) * inv_k
+  return a, inv_k
+
+
+def _magnitude(
+    aq: jax.Array, amax: jax.Array, params: tuple[jax.Array, jax.Array | None], fmt: Format
+) -> jax.Array:
+  """Decoded |x'| of code magnitudes aq > 0: amax at aq = M (exact), else at least 2^-126."""
+  a, inv_k = params
+  mag = aq * a if inv_k is None else fastmath.exp2(a + inv_k * fastmath.log2(aq))
+  return jnp.where(aq == fmt.max, amax, jnp.maximum(mag, _F32_TINY))
 
 
 def decode(enc: Encoded, fmt: str | Format = "e4m3", dtype=jnp.float32) -> jax.Array:
   """Decodes `encode`'s output: sign(q) * amax * (|q| / M)^(1/k), exact at q = 0 and |q| = M."""
   fmt = get_format(fmt)
-  amax = enc.amax
-  # Per-group values (see encode); amax * 0 is NaN for a non-finite group (stored
-  # amax = NaN), which makes its whole decode NaN.
-  if enc.k16 is not None:
-    # |x'| = 2^(log2 amax + (log2|q| - log2 M) / k) = 2^(a + log2|q| / k).
-    inv_k = K_DENOM / enc.k16.astype(jnp.float32)
-    a = jnp.log2(jnp.where(_usable(amax), amax, 1.0)) + amax * 0.0 - math.log2(fmt.max) * inv_k
-  else:
-    scale = amax / fmt.max
+  params = _decode_params(enc.k16, enc.amax, fmt)  # Per group (see encode).
   q = _from_codes(enc.codes, fmt)
-  aq = jnp.abs(q)
-  if enc.k16 is not None:
-    mag = fastmath.exp2(a + inv_k * fastmath.log2(aq))
-  else:
-    mag = aq * scale
-  mag = jnp.where(aq == fmt.max, amax, jnp.maximum(mag, _F32_TINY))
+  mag = _magnitude(jnp.abs(q), enc.amax, params, fmt)
   # sign(q) = 0 for zero codes gives 0 (or NaN in a non-finite group, where amax is NaN).
   return (mag * jnp.sign(q)).astype(dtype)
 
@@ -219,7 +256,8 @@ def _from_codes(codes: jax.Array, fmt: Format) -> jax.Array:
 
 
 def fake_quantize(
-    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True
+    x: jax.Array, fmt: str | Format = "e4m3", *, expansion: bool = True,
+    bits: jax.Array | None = None,
 ) -> jax.Array:
   """decode(encode(x)): x rounded through the codec, groups along the last axis."""
-  return decode(encode(x, fmt, expansion=expansion), fmt, x.dtype)
+  return decode(encode(x, fmt, expansion=expansion, bits=bits), fmt, x.dtype)

@@ -10,6 +10,10 @@ the optimizer-state codec; HiF8 goes through mpxla.formats.
             exponent; subnormal (|y| < 2^emin): round(|y| / 2^(emin - m)).
   from_fp8: the exact float32 value of each code (no NaN/inf handling needed:
             the codec never stores them for finite groups).
+  floor_code / code_value / with_sign: the pieces of stochastic rounding. For t in
+            [min_subnormal, max], floor_code(t) is the magnitude code c (0..max code)
+            of the largest value <= t, and c + 1 the next larger value (codes of one
+            sign are ordered like their values).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ _SPECS = {
     "e4m3": (3, 7, -6, jnp.float8_e4m3fn),
     "e5m2": (2, 15, -14, jnp.float8_e5m2),
 }
+# fmt name -> magnitude code of the largest finite value (448 = 0x7E, 57344 = 0x7B).
+MAX_CODE = {"e4m3": 0x7E, "e5m2": 0x7B}
 
 
 def supports(fmt_name: str) -> bool:
@@ -45,10 +51,29 @@ def to_fp8(y: jax.Array, fmt_name: str) -> jax.Array:
 
 def from_fp8(codes: jax.Array, fmt_name: str) -> jax.Array:
   """The float32 value of finite E4M3 / E5M2 codes (= codes.astype(float32))."""
-  m, bias, emin, _ = _SPECS[fmt_name]
   b = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint32)
-  mag = b & 0x7F
+  v = code_value(b & 0x7F, fmt_name)
+  return jnp.where(b >= 0x80, -v, v)
+
+
+def code_value(mag: jax.Array, fmt_name: str) -> jax.Array:
+  """The float32 value of magnitude codes (uint32, 0..max code)."""
+  m, bias, emin, _ = _SPECS[fmt_name]
   normal = jax.lax.bitcast_convert_type((mag + ((127 - bias) << m)) << (23 - m), jnp.float32)
   sub = mag.astype(jnp.float32) * (2.0 ** (emin - m))
-  v = jnp.where(mag >= (1 << m), normal, sub)
-  return jnp.where(b >= 0x80, -v, v)
+  return jnp.where(mag >= (1 << m), normal, sub)
+
+
+def floor_code(t: jax.Array, fmt_name: str) -> jax.Array:
+  """Magnitude code (uint32) of the largest fmt value <= float32 t, for 0 <= t <= max."""
+  m, bias, emin, _ = _SPECS[fmt_name]
+  a = jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.uint32)
+  normal = (a >> (23 - m)) - ((127 - bias) << m)  # Truncate the mantissa, rebias.
+  sub = jnp.floor(t * (2.0 ** (m - emin))).astype(jnp.uint32)  # Exact: a power-of-2 scale.
+  return jnp.where(a < ((127 + emin) << 23), sub, normal)
+
+
+def with_sign(mag: jax.Array, negative: jax.Array, fmt_name: str) -> jax.Array:
+  """Codes in fmt's storage dtype from magnitude codes (uint32) and sign bits."""
+  code = (mag | jnp.where(negative, 0x80, 0).astype(jnp.uint32)).astype(jnp.uint8)
+  return jax.lax.bitcast_convert_type(code, _SPECS[fmt_name][3])

@@ -28,9 +28,10 @@ def adamw_fp8(
   Args:
     learning_rate: a float or an Optax schedule.
     b1, b2, eps, weight_decay, mask: as in `optax.adamw`.
-    **compression: `compress_states` keywords (fmt, expansion, group_size,
-      min_size, overrides). Works under `optax.inject_hyperparams`, which passes
-      them back as `compression={...}`.
+    **compression: `compress_states` keywords (config, overrides and the
+      LeafConfig fields fmt, expansion, group_size, min_size, compress, rounding).
+      Works under `optax.inject_hyperparams`, which passes them back as
+      `compression={...}`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
