@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from mpxla.attention import masks as M
 from mpxla.attention import pallas_gpu, pallas_tpu, reference, xla
 from mpxla.attention.block_mask import BlockMask, make_block_mask
+from mpxla.quant.sharding import auto_regroup
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "reference")
 
@@ -37,6 +38,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: M.Mask | BlockM
     [batch, q_len, heads, head_dim] in q's dtype.
   """
   _check_inputs(q, k, v, scale, softcap, impl)
+  if not (mask is None or isinstance(mask, M.Mask | BlockMask)):
+    raise TypeError(f"mask must be None, a mask (causal(), document(ids), ...) or a BlockMask, "
+                    f"got {type(mask).__name__}")
+  kw = dict(scale=scale, softcap=softcap, impl=impl, block_q=block_q, block_kv=block_kv,
+            max_pairs=max_pairs, interpret=interpret)
+  # On Explicit meshes the blocking reshapes run with Auto axes; o keeps q's sharding.
+  return auto_regroup(lambda q, k, v, mask: _attention(q, k, v, mask, **kw), q, k, v, mask,
+                      out_specs=jax.typeof(q).sharding.spec)
+
+
+def _attention(q, k, v, mask, *, scale, softcap, impl, block_q, block_kv, max_pairs, interpret):
   b, tq, h, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   scale = d ** -0.5 if scale is None else float(scale)
@@ -58,13 +70,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: M.Mask | BlockM
     pallas_tpu.check_blocks(bq, bk, interpret)
   if isinstance(mask, BlockMask):
     bm = mask
-  elif mask is None or isinstance(mask, M.Mask):
+  else:
     if mask is not None:
       _check_mask(mask, b, tq, tk)
     bm = make_block_mask(mask, tq, tk, block_q=block_q, block_kv=block_kv, max_pairs=max_pairs)
-  else:
-    raise TypeError(f"mask must be None, a mask (causal(), document(ids), ...) or a BlockMask, "
-                    f"got {type(mask).__name__}")
   _check_block_mask(bm, b, tq, tk, h, hk)
   if impl == "xla":
     return xla.attention(q, k, v, bm, scale=scale, softcap=softcap)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from mpxla.parallel import stats
 from mpxla.parallel.stats import AxisName
+from mpxla.quant.sharding import auto_regroup, input_mesh
 
 Initializer = Callable[..., jax.Array]
 
@@ -77,8 +78,9 @@ def batch_statistics(
         "axes> (under `jax.set_mesh(mesh)`) to know the device shards; pass axis_name=() if "
         "the batch is not split (then 'local' is the whole batch)."
     )
-  plan = stats.plan_groups(
-      x.shape[0], scope=scope, ghost_batch_size=ghost_batch_size, axis_name=axis_name)
+  with input_mesh(x):  # the shard counts, also without jax.set_mesh
+    plan = stats.plan_groups(
+        x.shape[0], scope=scope, ghost_batch_size=ghost_batch_size, axis_name=axis_name)
   mean, var = stats.grouped_mean_and_var(
       x, plan, feature_axes, where=mask, fast_variance=fast_variance)
   return mean, var, plan
@@ -103,10 +105,13 @@ def normalize(
     dtype: Any,
 ) -> jax.Array:
   """(x - mean) * rsqrt(var + eps) * scale + bias per group, in float32, cast to `dtype`."""
-  if stats.explicit_sharding(x):  # regroup in Auto mode, y keeps x's sharding
-    f = lambda *a: normalize(*a, feature_axes, epsilon, dtype)  # noqa: E731
-    return jax.sharding.auto_axes(f, out_sharding=jax.typeof(x).sharding.spec)(
-        x, mean_GxF, var_GxF, scale, bias)
+  f = lambda *a: _normalize(*a, feature_axes, epsilon, dtype)  # noqa: E731
+  # Regrouping runs in Auto mode on Explicit meshes; y keeps x's sharding.
+  return auto_regroup(f, x, mean_GxF, var_GxF, scale, bias,
+                      out_specs=jax.typeof(x).sharding.spec)
+
+
+def _normalize(x, mean_GxF, var_GxF, scale, bias, feature_axes, epsilon, dtype):
   groups = mean_GxF.shape[0]
   xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).astype(jnp.float32)
   bshape = [groups] + [1] * x.ndim

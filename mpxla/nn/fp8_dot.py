@@ -42,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mpxla import formats, quant
 from mpxla.nn import flow
@@ -109,8 +111,25 @@ def _remaining(n, *removed):
   return [i for i in range(n) if i not in gone]
 
 
-def _transpose_lhs(g, y, dn, x_ndim, swap_ans=False):
-  """d lhs of dot_general(x, y, dn) given the output cotangent g (float32 result)."""
+def _out_sharding_like(like, dims):
+  """dot_general's out_sharding for a cotangent of `like` whose axes come in `dims` order.
+
+  On a mesh with Explicit axes JAX cannot infer it when sharded axes are contracted (dw of a
+  batch-sharded x); it is `like`'s sharding. None elsewhere (sharding propagation decides).
+  """
+  s = jax.typeof(like).sharding
+  mesh = getattr(s, "mesh", None)
+  if mesh is None or AxisType.Explicit not in mesh.axis_types:
+    return None
+  spec = tuple(s.spec) + (None,) * (like.ndim - len(s.spec))
+  return NamedSharding(mesh, P(*(spec[d] for d in dims)))
+
+
+def _transpose_lhs(g, y, dn, x_ndim, swap_ans=False, like=None):
+  """d lhs of dot_general(x, y, dn) given the output cotangent g (float32 result).
+
+  `like`: an array with x's sharding (x or its FP8 codes), needed on Explicit meshes.
+  """
   (x_contract, y_contract), (x_batch, y_batch) = dn
   x_kept = _remaining(x_ndim, x_contract, x_batch)
   y_kept = _remaining(y.ndim, y_contract, y_batch)
@@ -120,15 +139,16 @@ def _transpose_lhs(g, y, dn, x_ndim, swap_ans=False):
     ans_batch, _, ans_y = _ranges_like(x_batch, x_kept, y_kept)
   dims = ((ans_y, tuple(y_kept)), (ans_batch, tuple(y_batch)))
   x_contract_sorted_by_y = list(np.take(x_contract, np.argsort(y_contract)).astype(int))
-  out_axes = np.argsort(list(x_batch) + x_kept + x_contract_sorted_by_y)
-  out = jax.lax.dot_general(g, y, dims, preferred_element_type=jnp.float32)
-  return jax.lax.transpose(out, tuple(int(a) for a in out_axes))
+  order = list(x_batch) + x_kept + x_contract_sorted_by_y
+  out = jax.lax.dot_general(g, y, dims, preferred_element_type=jnp.float32,
+                            out_sharding=None if like is None else _out_sharding_like(like, order))
+  return jax.lax.transpose(out, tuple(int(a) for a in np.argsort(order)))
 
 
-def _transpose_rhs(g, x, dn, y_ndim):
+def _transpose_rhs(g, x, dn, y_ndim, like=None):
   (x_contract, y_contract), (x_batch, y_batch) = dn
   swapped = ((y_contract, x_contract), (y_batch, x_batch))
-  return _transpose_lhs(g, x, swapped, y_ndim, swap_ans=True)
+  return _transpose_lhs(g, x, swapped, y_ndim, swap_ans=True, like=like)
 
 
 # Per-tensor scaling ('tensor' and 'delayed').
@@ -141,8 +161,6 @@ class _Spec:
   out_dtype: Any
   lhs_dtype: Any
   rhs_dtype: Any
-  lhs_ndim: int
-  rhs_ndim: int
 
 
 def _quantize_tensor(x, fmt, config: DotConfig, history=None):
@@ -187,11 +205,11 @@ def _tensor_dot_bwd(spec, res, g):
   g = flow.after(g, rq.scales)  # read twice (amax, cast): materialized as it is, not widened
   gq, g_amax = _quantize_tensor(g, c.bwd_fmt, c, None if state is None else state["grad"])
   gq = flow.stored(gq)
-  drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, spec.rhs_ndim) * (
-      gq.scales * lq.scales)
+  drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, rq.codes.ndim,
+                        like=rq.codes) * (gq.scales * lq.scales)
   drhs = flow.after(drhs.astype(spec.rhs_dtype), gq.scales)  # complete before dx starts
   dlhs = _transpose_lhs(_codes_after(gq, drhs), _codes_after(rq, gq.scales), spec.dn,
-                        spec.lhs_ndim) * (gq.scales * rq.scales)
+                        lq.codes.ndim, like=lq.codes) * (gq.scales * rq.scales)
   if state is None:
     new_state = None
   else:  # Overwrite-with-gradient: the "gradient" of the histories is their next value.
@@ -369,8 +387,7 @@ def fp8_dot_general(
                             axis_name=config.axis_name)
     rq = flow.quantize_once(rhs, config.fwd_fmt, "tensor", margin=config.margin,
                             axis_name=config.axis_name)
-  spec = _Spec(dn, config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype),
-               lhs.ndim, rhs.ndim)
+  spec = _Spec(dn, config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype))
   lhs, rhs = flow.match_varying(lhs, rhs)
   if state is not None and flow.varying_axes(lhs) - flow.varying_axes(state["lhs"]) and (
       config.axis_name is None):

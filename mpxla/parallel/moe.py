@@ -15,8 +15,9 @@ Scopes (the set of tokens f and P are computed over):
   'sequence'     each sequence ([B, T, N_E] input); the loss is the mean over sequences.
 
 Views (as mpxla.parallel.stats): under `jax.jit` with global arrays a plain reduction is
-global ('micro_batch' then needs the device shards: `jax.set_mesh(mesh)` with the batch
-axes as `axis_name`, or `num_micro_batches`). Inside `shard_map` pass the batch axes: the
+global ('micro_batch' then needs the device shards: the batch axes as `axis_name` on the
+context mesh of `jax.set_mesh(mesh)` or the mesh of router_probs' sharding, or
+`num_micro_batches`). Inside `shard_map` pass the batch axes: the
 result is the loss of the scope, the same value on every device, and its gradient is
 right under JAX's default `check_vma=True`. For 'global' device d computes its share
 
@@ -40,8 +41,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mpxla.parallel.stats import AxisName, batch_view, check_global
+from mpxla.quant.sharding import auto_regroup, input_mesh
 
 LBLScope = Literal["global", "micro_batch", "sequence"]
 
@@ -168,7 +171,8 @@ def _loss_and_counts(router_probs, expert_indices, num_experts, scope, axis_name
                      num_micro_batches, buffer, return_share):
   _check(router_probs, expert_indices, num_experts, mask, scope)
   check_global(router_probs, axis_name, f"load_balancing_loss(scope={scope!r})")
-  view = batch_view(axis_name)
+  with input_mesh(router_probs):  # the micro-batch count, also without jax.set_mesh
+    view = batch_view(axis_name)
   loss, counts = _shares(router_probs, expert_indices, num_experts, scope, view, axis_name,
                          mask, num_micro_batches, buffer)
   if view.manual and not return_share:
@@ -215,11 +219,16 @@ def _shares(router_probs, expert_indices, num_experts, scope, view, axis_name, m
   b = router_probs.shape[0]
   if not isinstance(groups, int) or groups < 1 or b % groups:
     raise ValueError(f"the batch of {b} does not split into {groups} micro-batches.")
-  probs = router_probs.reshape(groups, -1, num_experts)
-  idx = expert_indices.reshape(groups, -1, k)
-  m = None if mask is None else jnp.asarray(mask).reshape(groups, -1)
-  hot = jax.nn.one_hot(idx, num_experts, dtype=jnp.int32)
-  if m is not None:
-    hot = hot * m.astype(jnp.int32)[..., None, None]
-  counts = jnp.sum(hot, axis=(1, 2))  # [G, E]
-  return jnp.mean(_lbl(counts, _prob_sums(probs, m, (1,)), k, num_experts)), None
+  mask = None if mask is None else jnp.asarray(mask)
+
+  def per_group(probs, idx, m):
+    probs = probs.reshape(groups, -1, num_experts)
+    idx = idx.reshape(groups, -1, k)
+    m = None if m is None else m.reshape(groups, -1)
+    hot = jax.nn.one_hot(idx, num_experts, dtype=jnp.int32)
+    if m is not None:
+      hot = hot * m.astype(jnp.int32)[..., None, None]
+    counts = jnp.sum(hot, axis=(1, 2))  # [G, E]
+    return jnp.mean(_lbl(counts, _prob_sums(probs, m, (1,)), k, num_experts))
+
+  return auto_regroup(per_group, router_probs, expert_indices, mask, out_specs=P()), None

@@ -6,10 +6,11 @@ e.g. `('data', 'fsdp')`. What it means depends on the view the code is traced in
 
   * `shard_map` body (the axes are Manual): each device sees its own shard, so a global
     statistic needs a collective; the helpers `psum`/`pmax` over these axes.
-  * `jax.jit` with global arrays (the axes are Auto/Explicit axes of the context mesh set
-    with `jax.set_mesh`, or not bound at all): a plain reduction is already global and no
-    collective is written; the axis sizes give the number of device shards, which the
-    per-device ('local') scopes need.
+  * `jax.jit` with global arrays (the axes are Auto/Explicit axes of the context mesh: the
+    one of `jax.set_mesh`, or else the one in the input's type, see
+    `mpxla.quant.sharding.input_mesh`; or not bound at all): a plain reduction is already
+    global and no collective is written; the axis sizes give the number of device shards,
+    which the per-device ('local') scopes need.
 
 So the same model code runs in both views. Scopes:
 
@@ -32,11 +33,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from mpxla import quant
 from mpxla.formats import Format
+from mpxla.quant.sharding import auto_regroup
 
 AxisName = str | Sequence[str] | None
 Scope = Literal["global", "local"]
@@ -119,20 +120,6 @@ def check_global(x: jax.Array, axis_name: AxisName, what: str) -> None:
           "axes, e.g. ('data', 'fsdp')> for the global batch, or axis_name=() to keep it "
           "per device on purpose."
       )
-
-
-def explicit_sharding(x: jax.Array) -> bool:
-  """True if `x` is sharded over Explicit mesh axes (sharding in types)."""
-  s = jax.typeof(x).sharding
-  mesh = getattr(s, "mesh", None)
-  if mesh is None or mesh.empty:
-    return False
-  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-              if t == AxisType.Explicit}
-  used = set()
-  for entry in s.spec:
-    used.update(axis_names(entry))
-  return bool(explicit & used)
 
 
 def _is_bound(name: str) -> bool:
@@ -407,10 +394,11 @@ def grouped_mean_and_var(
   each group of `plan`. Under a mesh with Explicit axes the grouping runs in Auto mode
   (`jax.sharding.auto_axes`), the statistics come out replicated.
   """
-  if explicit_sharding(x):
-    f = lambda v, w: grouped_mean_and_var(  # noqa: E731
-        v, plan, feature_axes, where=w, fast_variance=fast_variance)
-    return jax.sharding.auto_axes(f, out_sharding=(P(), P()))(x, where)
+  f = lambda v, w: _grouped_mean_and_var(v, plan, feature_axes, w, fast_variance)  # noqa: E731
+  return auto_regroup(f, x, where, out_specs=(P(), P()))
+
+
+def _grouped_mean_and_var(x, plan, feature_axes, where, fast_variance):
   b = x.shape[0]
   fshape = tuple(x.shape[a] for a in feature_axes)
   xg = x.reshape(plan.groups, b // plan.groups, *x.shape[1:])
