@@ -61,11 +61,15 @@ class Cell:
     return f"{self.mesh_name}-{self.axis_type}-{'set_mesh' if self.set_mesh else 'no_mesh'}-{self.view}"
 
 
-def cells(meshes=tuple(MESHES)):
-  """Every cell of the matrix as pytest params (ids like '2x4-explicit-no_mesh-jit')."""
+def cells():
+  """Every cell of the matrix as pytest params (ids like '2x4-explicit-no_mesh-jit').
+
+  The 2x4 cells (two batch axes: the harder case) run in the default tier, the 8 cells in
+  the slow tier.
+  """
   out = []
-  for m, t, s, v in itertools.product(meshes, ("auto", "explicit"), (True, False),
+  for m, t, s, v in itertools.product(MESHES, ("auto", "explicit"), (True, False),
                                       ("jit", "shard_map")):
     c = Cell(m, t, s, v)
-    out.append(pytest.param(c, id=str(c)))
+    out.append(pytest.param(c, id=str(c), marks=[pytest.mark.slow] if m == "8" else []))
   return out
