@@ -35,12 +35,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: M.Mask | BlockM
     interpret: run the Pallas kernels in interpret mode (CPU).
 
   Returns:
-    [batch, q_len, heads, head_dim] in q's dtype.
+    [batch, q_len, heads, head_dim] in q's dtype. Zero-size inputs: batch, q_len, heads or
+    head_dim 0 give the empty array of that shape; kv_len 0 (no keys) gives zeros, as a fully
+    masked row. Gradients are zero (empty) then too.
   """
   _check_inputs(q, k, v, scale, softcap, impl)
   if not (mask is None or isinstance(mask, M.Mask | BlockMask)):
     raise TypeError(f"mask must be None, a mask (causal(), document(ids), ...) or a BlockMask, "
                     f"got {type(mask).__name__}")
+  if q.size == 0 or k.size == 0:  # nothing to attend to, or an empty output
+    return jnp.zeros_like(q)
   kw = dict(scale=scale, softcap=softcap, impl=impl, block_q=block_q, block_kv=block_kv,
             max_pairs=max_pairs, interpret=interpret)
   # On Explicit meshes the blocking reshapes run with Auto axes; o keeps q's sharding.
@@ -113,6 +117,7 @@ def _check_mask(mask: M.Mask, b, tq, tk):
   if not isinstance(mask, M.Mask):
     raise TypeError(f"mask must be None, a mask (causal(), document(ids), ...) or a BlockMask, "
                     f"got {type(mask).__name__}")
+  M.check_lengths(tq, tk)
   mask._check(tq, tk)
   if mask.batch_size not in (1, b):
     raise ValueError(f"mask data has batch {mask.batch_size} but q has batch {b}")

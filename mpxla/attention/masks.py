@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BIG = 1 << 30  # "unbounded" interval end; positions are int32 and far below this.
+BIG = 1 << 30  # "unbounded" interval end; positions are int32 and below this (`check_lengths`).
 MAX_INTERVALS = 8  # more (from `|` of `&`s) falls back to tile-by-tile evaluation
 
 Interval = tuple[Any, Any, Any, Any]  # (outer_lo, outer_hi, inner_lo, inner_hi), [Bt, Tq] or [Tq]
@@ -71,6 +71,7 @@ class Mask:
 
   def dense(self, q_len: int, kv_len: int) -> jax.Array:
     """The boolean mask [Bt, q_len, kv_len] (Bt = 1 unless the mask holds per-batch data)."""
+    check_lengths(q_len, kv_len)
     self._check(q_len, kv_len)
     q_tok, kv_tok = token_arrays(self, q_len, kv_len)
     allowed = eval_tokens(self, q_tok[:, :, :, None], kv_tok[:, 0, :, None, :])
@@ -81,6 +82,13 @@ class Mask:
     """Leading batch size of the mask's data (1 when it has none)."""
     qs, ks = self._tokens()
     return max([a.shape[0] for a in qs + ks], default=1)
+
+
+def check_lengths(q_len: int, kv_len: int) -> None:
+  """Raises ValueError unless 0 <= q_len, kv_len < 2^30 (int32 positions, `BIG`)."""
+  for name, n in (("q_len", q_len), ("kv_len", kv_len)):
+    if not 0 <= n < BIG:
+      raise ValueError(f"{name}={n}: masks handle sequence lengths from 0 to 2^30 - 1.")
 
 
 def _as_mask(m: Any, op: str) -> Mask:
@@ -312,18 +320,22 @@ def causal() -> Mask:
 
 
 def sliding_window(left: int, right: int = 0) -> Mask:
-  """Local window: q - left <= kv <= q + right (right=0 is causal with `left` keys of history)."""
+  """Local window: q - left <= kv <= q + right (right=0 is causal with `left` keys of history).
+
+  Any int bound works: bounds above 2^30 (e.g. `sys.maxsize`, "unbounded") are clamped to
+  2^30, beyond every position (sequences are shorter than 2^30, see `check_lengths`).
+  """
   for name, w in (("left", left), ("right", right)):
     if not isinstance(w, (int, np.integer)) or w < 0:
       raise ValueError(f"sliding_window: {name} must be an int >= 0, got {w!r}")
-  return SlidingWindow(int(left), int(right))
+  return SlidingWindow(min(int(left), BIG), min(int(right), BIG))
 
 
 def chunked(size: int) -> Mask:
   """Chunked attention: q // size == kv // size (combine with `causal()` for Llama 4 style)."""
   if not isinstance(size, (int, np.integer)) or size <= 0:
     raise ValueError(f"chunked: size must be a positive int, got {size!r}")
-  return Chunked(int(size))
+  return Chunked(min(int(size), BIG))  # a chunk of 2^30 holds every sequence
 
 
 def prefix_lm(prefix_len: int | jax.Array) -> Mask:
@@ -331,7 +343,7 @@ def prefix_lm(prefix_len: int | jax.Array) -> Mask:
   if isinstance(prefix_len, (int, np.integer)):
     if prefix_len < 0:
       raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {prefix_len}")
-    return PrefixLM(None, int(prefix_len))
+    return PrefixLM(None, min(int(prefix_len), BIG))  # 2^30: the whole sequence
   p = jnp.asarray(prefix_len)
   if not jnp.issubdtype(p.dtype, jnp.integer) or p.ndim > 1:
     raise ValueError(f"prefix_lm: prefix_len must be an int or an int array [batch], got "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mpxla.formats import hif8
 from mpxla.formats.fp8 import cast_fp8
-from mpxla.formats.spec import E4M3, E5M2, FORMATS, HIF8, Format, get_format
+from mpxla.formats.spec import E4M3, E5M2, FORMATS, HIF8, Format, float_dtype, get_format
 
 __all__ = [
     "E4M3",
@@ -25,6 +25,7 @@ __all__ = [
     "HIF8",
     "Format",
     "cast",
+    "float_dtype",
     "fake_cast",
     "get_format",
     "hif8",
@@ -75,8 +76,8 @@ def cast(
 
 
 def upcast(y: jax.Array, fmt: str | Format, dtype=jnp.float32) -> jax.Array:
-  """Reads an 8-bit storage array back as `dtype` (exact for float32)."""
-  fmt = get_format(fmt)
+  """Reads an 8-bit storage array back as `dtype` (floating; exact for float32)."""
+  fmt, dtype = get_format(fmt), float_dtype(dtype)
   if fmt.name == "hif8":
     return hif8.decode(y, dtype)
   y = jnp.asarray(y)

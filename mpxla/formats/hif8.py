@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpxla.formats.spec import float_dtype
+
 NAN_CODE = 0x80
 POS_INF_CODE = 0x6F
 NEG_INF_CODE = 0xEF
@@ -100,7 +102,8 @@ def decode_table() -> np.ndarray:
 
 
 def decode(codes: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  """Decodes uint8 HiF8 codes to values of `dtype`."""
+  """Decodes uint8 HiF8 codes to values of `dtype` (a floating dtype; TypeError otherwise)."""
+  dtype = float_dtype(dtype)
   codes = jnp.asarray(codes)
   if codes.dtype != jnp.uint8:
     raise TypeError(f"codes must have dtype uint8, got {codes.dtype}.")

@@ -100,3 +100,19 @@ def get_format(fmt: str | Format) -> Format:
       f"fmt={fmt!r} is not a known 8-bit format; use one of {sorted(FORMATS)} "
       "or an mpxla.formats.Format."
   )
+
+
+def float_dtype(dtype, name: str = "dtype") -> np.dtype:
+  """`dtype` as a numpy dtype if it is a real floating-point type, else a TypeError naming `name`.
+
+  Decoding to an integer, bool or complex type would truncate or misread the values.
+  """
+  try:
+    d = np.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{name}={dtype!r} is not a dtype; pass a floating dtype such as "
+                    "jnp.float32 or jnp.bfloat16.") from None
+  if not jnp.issubdtype(d, jnp.floating):
+    raise TypeError(f"{name}={d} is not a floating-point dtype; decoded values would be "
+                    "truncated. Pass a floating dtype such as jnp.float32 or jnp.bfloat16.")
+  return d

@@ -162,5 +162,7 @@ def block_axes(ndim: int) -> tuple[int, ...]:
 
 def expand_scales(scales: jax.Array, shape: tuple[int, ...], granularity: Granularity):
   """Scales -> [n0, 1, n1, 1, ...], to broadcast against `to_blocks` of an array of `shape`."""
+  if isinstance(granularity, PerTensor):  # one scale, also for a zero-size array
+    return scales.reshape((1,) * (2 * len(shape)))
   grid = scales.reshape(grid_shape(shape, granularity))
   return jnp.expand_dims(grid, block_axes(len(shape)))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpxla.formats import Format, cast, get_format, upcast
+from mpxla.formats import Format, cast, float_dtype, get_format, upcast
 from mpxla.quant.granularity import (
     Granularity,
     as_granularity,
@@ -72,7 +72,10 @@ def quantize(
     amax: precomputed amax on the scale grid (delayed scaling, e.g.
       `amax_from_history(h)`); blocks whose given amax is 0 (an empty history) use
       their current amax. Values above the given amax saturate. None: current amax.
-    margin: headroom in powers of two (s = amax * 2^margin / fmt.scale_target).
+      A concrete amax must be finite (ValueError); a traced inf/NaN gives NaN scales
+      (`QTensor.all_finite()` is False).
+    margin: headroom in powers of two (s = amax * 2^margin / fmt.scale_target); a finite
+      number within +-40 (ValueError otherwise; traced values are not checked).
     rounding, key: as in `mpxla.formats.cast`.
     axis_name: mesh axes to take the amax over inside shard_map (per-tensor only).
   """
@@ -87,6 +90,11 @@ def quantize(
   if amax is None:
     amax = current
   else:
+    if not isinstance(amax, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(amax))):
+      raise ValueError(
+          f"amax must be finite, got {amax!r}: an inf or NaN amax gives NaN scales. Pass the "
+          "amax of finite data (e.g. amax_from_history of finite steps), or 0 to use the "
+          "current amax.")
     amax = jnp.asarray(amax, jnp.float32)
     if amax.shape != current.shape:
       raise ValueError(
@@ -101,10 +109,11 @@ def quantize(
 
 
 def dequantize(q: QTensor, dtype=None) -> jax.Array:
-  """codes * scales, as `dtype` (default: the original dtype)."""
+  """codes * scales, as `dtype` (a floating dtype; default: the original dtype)."""
+  dtype = q.dtype if dtype is None else float_dtype(dtype)
   values = to_blocks(upcast(q.codes, q.fmt, jnp.float32), q.granularity)
   x = from_blocks(values * expand_scales(q.scales, q.shape, q.granularity), q.codes)
-  return x.astype(q.dtype if dtype is None else dtype)
+  return x.astype(dtype)
 
 
 def scales_shape(shape: tuple[int, ...], granularity: str | Granularity) -> tuple[int, ...]:

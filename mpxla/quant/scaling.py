@@ -7,6 +7,8 @@ E4M3/E5M2; 15 for HiF8, see `mpxla.formats.Format`), with 2^margin headroom:
 
 Edge cases (documented results, never a silent NaN or a zero/inf scale):
   * amax == 0 (an all-zero block): s = 1, so codes and the dequantized block are 0.
+  * a zero-size array: amax 0 and s = 1 on the scale grid (shape () per tensor), codes
+    and the dequantized array are empty arrays of x's shape.
   * amax so small that s would underflow: s is raised to the smallest normal float32.
   * amax inf or NaN (the block holds inf/NaN): s = NaN, so the whole block
     dequantizes to NaN and `QTensor.all_finite()` is False: the bad input shows.
@@ -49,8 +51,11 @@ def amax(
   # An amax sets a scale; it carries no gradient (and pmax has no differentiation rule).
   x = jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)
   # NaN counts as inf: XLA:CPU's vectorized max may drop a NaN, never an inf.
-  xb = to_blocks(jnp.where(jnp.isnan(x), jnp.inf, x), g)
-  a = jnp.max(xb, axis=block_axes(x.ndim)).reshape(scale_shape(x.shape, g))
+  if x.size == 0:  # the max of nothing: 0 (scale 1), on the scale grid
+    a = jnp.zeros(scale_shape(x.shape, g), jnp.float32)
+  else:
+    xb = to_blocks(jnp.where(jnp.isnan(x), jnp.inf, x), g)
+    a = jnp.max(xb, axis=block_axes(x.ndim)).reshape(scale_shape(x.shape, g))
   if axis_name is not None:
     if not isinstance(g, PerTensor):
       raise ValueError(
@@ -61,8 +66,31 @@ def amax(
   return a
 
 
+MAX_MARGIN = 40  # beyond it every value flushes to 0 (margin > 0) or saturates, in any format
+
+
+def check_margin(margin) -> None:
+  """Raises ValueError unless a concrete `margin` is finite and within +-MAX_MARGIN.
+
+  A traced margin (an argument of a jitted function) is not checked: a non-finite one gives
+  NaN scales, so `QTensor.all_finite()` is False.
+  """
+  if isinstance(margin, jax.core.Tracer):
+    return
+  m = np.asarray(margin)
+  if m.shape or not np.issubdtype(m.dtype, np.number) or not abs(float(m)) <= MAX_MARGIN:
+    raise ValueError(
+        f"margin={margin!r} must be a finite number of powers of two within +-{MAX_MARGIN}: "
+        "beyond that every value flushes to zero (margin > 0) or saturates (margin < 0). "
+        "Typical margins are 0 to 2.")
+
+
 def scale_from_amax(amax_: jax.Array, fmt: str | Format, margin: float = 0.0) -> jax.Array:
-  """s = amax * 2^margin / fmt.scale_target, with the edge cases of the module docstring."""
+  """s = amax * 2^margin / fmt.scale_target, with the edge cases of the module docstring.
+
+  `margin`: see `check_margin` (ValueError for a concrete non-finite or huge margin).
+  """
+  check_margin(margin)
   fmt = get_format(fmt)
   amax_ = jnp.asarray(amax_, jnp.float32)
   s = amax_ * jnp.float32(2.0**margin / fmt.scale_target)
