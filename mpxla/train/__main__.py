@@ -13,8 +13,10 @@ preemption.install()  # first: a SIGTERM during start-up is remembered, not fata
 import argparse  # noqa: E402
 import errno  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 # Causes of OSError that are the file system's, reported as one line (no traceback).
@@ -44,17 +46,26 @@ def parse(argv: list[str]):
 
 def filesystem_error(e: BaseException, workdir: str | None) -> str | None:
   """'cannot write PATH: CAUSE' if a file-system fault is behind `e` (any link of its chain)."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
-    if code is None:
-      code = next((c for text, c in _FS_TEXTS.items() if text in str(e)), None)
-    if code in _FS_ERRNOS:
-      path = getattr(e, "filename", None) or workdir or "the workdir"
-      return f"cannot write {path}: {_FS_ERRNOS[code]}. Nothing already saved was removed."
+  chain = []
+  while e is not None and e not in chain:
+    chain.append(e)
     e = e.__cause__ or e.__context__
-  return None
+  codes = [x.errno if isinstance(x, OSError) and x.errno in _FS_ERRNOS else
+           next((c for text, c in _FS_TEXTS.items() if text in str(x)), None) for x in chain]
+  code = next((c for c in codes if c is not None), None)
+  if code is None:
+    return None
+  paths = [getattr(x, "filename", None) or re.search(r'file "([^"]+)"', str(x)) for x in chain]
+  path = next((p if isinstance(p, str) else p.group(1) for p in paths if p), workdir)
+  return f"cannot write {path}: {_FS_ERRNOS[code]}. Nothing already saved was removed."
+
+
+def _quiet_closed_loops(unraisable) -> None:
+  """Drops 'Event loop is closed' from TensorStore callbacks that finish after Orbax closed
+  their event loop (after a failed read or write, which is reported on its own)."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
 
 
 def _simulate_devices_for_aot(config) -> None:
@@ -91,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, config) -> int:
+  # Orbax logs failures of its background save threads with a traceback; each of them also
+  # reaches the trainer as an exception, which is reported below in one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  sys.unraisablehook = _quiet_closed_loops
   import jax
 
   if os.environ.get("MPXLA_CPU_COLLECTIVES"):  # e.g. 'gloo' for CPU processes on one machine

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-# Keys that may change between a run and its resumption (run length, logging, and the
-# mesh: a run may resume on another device layout; the global batch stays the same).
+# Keys that may change between a run and its resumption (run length, logging, where the data
+# cache lives, and the mesh: a run may resume on another device layout; the global batch
+# stays the same).
 RESUMABLE_KEYS = ("total_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints",
-                  "progress", "eval_batches", "plot", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                  "mesh.expert")
+                  "progress", "eval_batches", "plot", "data.cache_dir", "mesh.data", "mesh.fsdp",
+                  "mesh.tensor", "mesh.expert")
 
 
 # Keys added to the configs after workdirs were made, with the value those runs used: a key

@@ -107,6 +107,11 @@ class Trainer:
   # --- steps -----------------------------------------------------------------------------
 
   def _train_step(self, state, batch):
+    """One update, and whether every floating leaf of the new state is finite (per leaf)."""
+    new_state, metrics = self._update(state, batch)
+    return new_state, {**metrics, "state_finite": checkpoint.finite_flags(new_state)}
+
+  def _update(self, state, batch):
     def loss_fn(params, fp8_state):
       model_state = state["model_state"]
       if fp8_state is not None:
@@ -126,8 +131,7 @@ class Trainer:
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
-               "lr": recipes.schedule(self.config.optim)(state["step"]),
-               "state_finite": checkpoint.finite_flags(new_state)}
+               "lr": recipes.schedule(self.config.optim)(state["step"])}
     return new_state, metrics
 
   def compile_train_step(self):

@@ -25,11 +25,21 @@ def _old_workdir(tmp_path):
 
 
 def test_keys_added_later_resume_at_their_old_value(tmp_path):
-  wd = _old_workdir(tmp_path)
-  checkpoint.check_compatible(wd, _config_dict())  # the defaults: what the old run used
-  checkpoint.check_compatible(wd, _config_dict(total_steps="900"))  # run length may change
+  saved = checkpoint.read_config(_old_workdir(tmp_path))
+
+  def check(**overrides):
+    checkpoint.check_compatible(saved, _config_dict(**overrides), str(tmp_path))
+
+  check()  # the defaults: what the old run used
+  check(total_steps="900")  # run length may change
   with pytest.raises(checkpoint.IncompatibleWorkdir, match="model.moe_lbl_scope: saved 'global', "
                      "now 'micro_batch'"):
-    checkpoint.check_compatible(wd, _config_dict(**{"model.moe_lbl_scope": "micro_batch"}))
+    check(**{"model.moe_lbl_scope": "micro_batch"})
   with pytest.raises(checkpoint.IncompatibleWorkdir, match="model.d_model"):
-    checkpoint.check_compatible(wd, _config_dict(**{"model.d_model": "64"}))
+    check(**{"model.d_model": "64"})
+
+
+def test_unreadable_config_json_is_named(tmp_path):
+  (tmp_path / "config.json").write_text('{"seed": 0, ')
+  with pytest.raises(checkpoint.IncompatibleWorkdir, match="config.json is not valid JSON"):
+    checkpoint.read_config(tmp_path)
