@@ -1,7 +1,7 @@
 """FP8-compressed optimizer states (COAT-style dynamic range expansion) for Optax.
 
-- `compress_states(inner, ...)`: wraps any Optax transform; large floating-point
-  state leaves are stored as 8-bit codes plus per-group metadata.
+- `compress_states(inner, ...)`: wraps any Optax transform; its moment state
+  leaves (`classify`) are stored as 8-bit codes plus per-group metadata.
 - `adamw_fp8(...)`: `compress_states(optax.adamw(...))`.
 - `compress(state, ...)` / `decompress(state)`: convert a plain Optax state to
   the compressed form and back.
@@ -10,8 +10,11 @@
 
 from mpxla.optim import expansion
 from mpxla.optim.compress import (
+    EXACT_FIELDS,
+    MOMENT_FIELDS,
     CompressedArray,
     LeafConfig,
+    classify,
     compress,
     compress_states,
     decompress,
@@ -21,9 +24,12 @@ from mpxla.optim.compress import (
 from mpxla.optim.recipes import adamw_fp8
 
 __all__ = [
+    "EXACT_FIELDS",
+    "MOMENT_FIELDS",
     "CompressedArray",
     "LeafConfig",
     "adamw_fp8",
+    "classify",
     "compress",
     "compress_states",
     "decompress",
