@@ -344,10 +344,13 @@ def prefix_lm(prefix_len: int | jax.Array) -> Mask:
     if prefix_len < 0:
       raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {prefix_len}")
     return PrefixLM(None, min(int(prefix_len), BIG))  # 2^30: the whole sequence
-  p = jnp.asarray(prefix_len)
-  if not jnp.issubdtype(p.dtype, jnp.integer) or p.ndim > 1:
-    raise ValueError(f"prefix_lm: prefix_len must be an int or an int array [batch], got "
-                     f"{p.dtype}{list(p.shape)}")
+  try:
+    p = jnp.asarray(prefix_len)
+  except (TypeError, ValueError):
+    p = None
+  if p is None or not jnp.issubdtype(p.dtype, jnp.integer) or p.ndim > 1:
+    got = f"{p.dtype}{list(p.shape)}" if p is not None else repr(prefix_len)
+    raise ValueError(f"prefix_lm: prefix_len must be an int or an int array [batch], got {got}")
   return PrefixLM(p.reshape(-1).astype(jnp.int32), None)
 
 
