@@ -1,6 +1,6 @@
 """Numerics demo: each 8-bit format's range and precision, and quantization error per granularity.
 
-Command: python experiments/numerics.py   (or `bash launch/local.sh`)
+Command: python experiments/numerics.py
 Hardware: any CPU, a few seconds.
 Expected: log2(max/min subnormal) is 17.8 for E4M3, 31.8 for E5M2, 37 for HiF8. On rows whose
 scales spread over ~13 binades, 1x16 groups beat per-tensor scaling for every format, most of
