@@ -1,6 +1,8 @@
-# Sourced by the launch scripts: creates or reuses the virtual environment and
-# installs mpxla (editable) with the extras in $MPXLA_EXTRAS, pinned by constraints.txt.
-# Reinstalls only when pyproject.toml, constraints.txt or the extras change.
+# Sourced by the launch scripts: creates or reuses the virtual environment ($MPXLA_VENV,
+# default .venv in the repository) and installs mpxla (editable) with the extras in
+# $MPXLA_EXTRAS, pinned by constraints.txt. Reinstalls only when pyproject.toml,
+# constraints.txt or the extras change. One line per stage; pip's output goes to
+# $VENV/install.log (printed if the install fails).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MPXLA_VENV:-$ROOT/.venv}"
@@ -25,9 +27,16 @@ fi
 
 STAMP="$VENV/.mpxla-$( (cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt"; echo "$EXTRAS") | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
-  echo "[mpxla] installing mpxla[$EXTRAS] into $VENV (first run takes a few minutes)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"
+  LOG="$VENV/install.log"
+  echo "[mpxla] installing mpxla[$EXTRAS] into $VENV (first run takes a few minutes; log: $LOG)" >&2
+  SECONDS=0
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+         "$VENV/bin/python" -m pip install -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"; } >"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "[mpxla] install failed; the whole log is $LOG" >&2
+    exit 1
+  fi
+  echo "[mpxla] installed in ${SECONDS} s" >&2
   rm -f "$VENV"/.mpxla-*
   touch "$STAMP"
 fi

@@ -42,13 +42,16 @@ def test_unknown_key_lists_close_matches(tmp_path):
 
 
 def test_aot_prints_the_memory_breakdown(tmp_path):
-  r = cli(["--aot", *TINY], timeout=120)
+  # The mesh names 2 fsdp devices; --aot simulates them on CPU by itself.
+  r = cli(["--aot", *TINY, "--config.mesh.fsdp=2"], env_extra={"XLA_FLAGS": ""}, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   mem = json.loads(r.stdout[r.stdout.index("{"):])
   params = 32 * 256 * 2 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32  # embed+head, layers, norms
   # Attention: q and out are 32x32; k and v are 32x16 (one kv head of 16).
   params -= 2 * (2 * 32 * 16)
-  assert mem["params"] == 4 * params
+  # fsdp=2 halves the leaves of >= 1024 elements: embed and head (8192 each), and per layer
+  # q, out (1024 each), gate, up, down (2048 each); k, v and the norms stay whole.
+  assert mem["params"] == 4 * (params - (8192 + 8192 + 2 * 8192) // 2)
   assert mem["optimizer"] >= 2 * mem["params"]  # AdamW's two float32 moments, plus counts
   assert mem["step_temp"] > 0
   assert not (tmp_path / "checkpoints").exists()
@@ -66,6 +69,10 @@ def test_sigterm_saves_and_resume_is_exact(tiny_config, data_cache, tmp_path):
   deadline = time.time() + 180
   while time.time() < deadline and len(losses(workdir)) < 2:
     time.sleep(0.1)
+  # A second trainer on the same workdir is refused while the first runs.
+  second = cli([*args, "--config.total_steps=100000"], data_cache=data_cache)
+  assert second.returncode == 1 and "is in use by another trainer" in second.stderr
+  assert f"pid {proc.pid}" in second.stderr and "Traceback" not in second.stderr
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
