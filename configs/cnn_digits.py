@@ -1,6 +1,6 @@
 """A BatchNorm CNN on scikit-learn's bundled 8x8 digits (no download).
 
-Command:  python -m mpxla.train --config=configs/cnn_digits.py --workdir=workdirs/cnn
+Command:  .venv/bin/python -m mpxla.train --config=configs/cnn_digits.py --workdir=workdirs/cnn
           variants: configs/cnn_digits.py:local, :ghost (ghost batches of 16)
 Hardware: 2 CPU cores, under a minute.
 Expected: validation accuracy ~0.97 after 300 steps (global statistics; see docs/train.md).

@@ -1,7 +1,7 @@
 """Llama-style GPTs of about 125M, 350M and 1B parameters for the AOT memory breakdown.
 
-Command:  python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
-          (variants 125m, 350m, 1b; the whole section: python experiments/memory.py)
+Command:  .venv/bin/python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
+          (variants 125m, 350m, 1b; the whole section: .venv/bin/python experiments/memory.py)
 Hardware: no accelerator: the train step is compiled ahead of time for 8 simulated CPU devices
 (FSDP over all 8) and nothing is allocated. One compile on 2 CPU cores: 20-40 s (bf16), 50-75 s
 (fp8_linear), 2.5-8 min (coat, hif8) of CPU; the whole section about 55 min of CPU.

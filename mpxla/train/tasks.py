@@ -34,7 +34,7 @@ class LMTask:
   model: nn.Module
   seq_len: int
   aux_loss_weight: float = 0.01
-  unit = "tokens"  # what metrics['weight'] counts: throughput is logged as tokens_per_s
+  unit, unit_short = "tokens", "tok"  # what metrics['weight'] counts (logged as tokens_per_s)
 
   @classmethod
   def from_config(cls, config):
@@ -80,7 +80,7 @@ class ImageTask:
 
   model: nn.Module
   image_shape: tuple[int, ...]
-  unit = "images"
+  unit, unit_short = "images", "img"
 
   @classmethod
   def from_config(cls, config):

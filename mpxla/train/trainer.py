@@ -290,7 +290,7 @@ class Trainer:
           writer.write(done, **record)
           history.append({"step": done, **record})
           postfix.update(loss=f"{float(metrics['loss']):.4f}",
-                         **{f"{unit[:3]}_s": f"{count_window / dt:,.0f}"})
+                         **{f"{self.task.unit_short}_s": f"{count_window / dt:,.0f}"})
           bar.set_postfix(postfix, refresh=False)
           t_window, count_window, steps_window = time.time(), 0.0, 0
         if done % c.eval_every == 0 or done == c.total_steps:
