@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 
 from mpxla import formats, quant
 
-SETTINGS = settings(max_examples=30, deadline=None)
+SETTINGS = settings(max_examples=20, deadline=None)
 REF = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2, "hif8": en_dtypes.hifloat8}
 TINY = np.finfo(np.float32).tiny
 
