@@ -55,7 +55,11 @@ def bn_inputs():
 
 @pytest.mark.parametrize("cell", cells())
 def test_stats_and_batch_norm(cell):
-  """Global moments and amax, Linen BatchNorm global / local / ghost and NNX BatchNorm."""
+  """Global moments and amax, Linen BatchNorm global / local / ghost and NNX BatchNorm.
+
+  Issue 13: Linen BatchNorm (also axis_name=None) recursed on Explicit meshes without
+  jax.set_mesh (cells '*-explicit-no_mesh-jit').
+  """
   ax = cell.axes
   x, mask = bn_inputs()
   variables = {"batch_stats": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}
@@ -73,16 +77,23 @@ def test_stats_and_batch_norm(cell):
       out[name] = (y, upd["batch_stats"])
     bn = nnx.merge(nnx_graph, nnx_state)
     out["nnx"] = (bn(x, mask=mask), {"mean": bn.mean[...], "var": bn.var[...]})
+    if cell.view == "jit":  # axis_name=None: global under jit (inside shard_map it raises)
+      out["none"] = BatchNorm(use_scale=False, use_bias=False).apply(
+          variables, x, use_running_average=False, mutable=["batch_stats"])[0]
     return out
 
   xspec = P(ax)
   ra = {"mean": P(), "var": P()}
   out_specs = dict(mean=P(), var=P(), amax=P(), **{
       k: (xspec, ra) for k in ("global", "local", "ghost", "nnx")})
+  if cell.view == "jit":
+    out_specs["none"] = xspec
   out = cell.run(f, (x, mask, nnx_state), (xspec, P(ax), P()), out_specs)
 
-  _, mean, var = np_bn(x, B)
+  y, mean, var = np_bn(x, B)
   close((out["mean"], out["var"]), (mean[0], var[0]))
+  if cell.view == "jit":
+    close(out["none"], y)
   assert out["amax"] == np.float32(97.25)
   for name, group, m in [("global", B, None), ("local", B // SHARDS, None),
                          ("ghost", 8, None), ("nnx", B, mask)]:
@@ -122,7 +133,11 @@ def moe_layer():
 
 @pytest.mark.parametrize("cell", cells())
 def test_load_balancing_loss_and_moe(cell):
-  """LBL in every scope (and the count buffer) and the Linen MoE layer's output and loss."""
+  """LBL in every scope (and the count buffer) and the Linen MoE layer's output and loss.
+
+  Issue 13: scope='micro_batch' failed on Explicit meshes with a reshape ShardingTypeError
+  (cells '*-explicit-*-jit').
+  """
   ax = cell.axes
   probs, idx, mask = moe_inputs()
   h, variables, y1, aux1 = moe_layer()
