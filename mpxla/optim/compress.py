@@ -24,10 +24,13 @@ axis itself is sharded, groups stay within a shard when n_pad / shards is a
 multiple of g; otherwise XLA moves data between shards (the results are the
 same, only slower).
 
-Stochastic rounding (`rounding='stochastic'`) draws its bits from a fixed key
-folded with a hash of the leaf's path and the leaf's own encode counter `step`
-(a uint32 scalar stored in the `CompressedArray`, advanced by each update): no
-PRNG key is stored, and a restored state continues bit for bit.
+Rounding: a leaf's first encode (`compress`, `init`) rounds to nearest; `update`
+re-encodes with the leaf's `rounding`. Stochastic rounding (the default for E4M3
+and E5M2) is unbiased, so a moment whose per-step change is below half a code
+step still follows its EMA in expectation instead of stalling. Its bits are a
+hash of each element's index, a hash of the leaf's path and the leaf's own
+counter `step` (a uint32 scalar stored in the `CompressedArray`, advanced by each
+update): no PRNG key is stored, and a restored state continues bit for bit.
 """
 
 from __future__ import annotations
@@ -83,7 +86,6 @@ EXACT_FIELDS = frozenset({
     "step_sizes", "scale", "reward", "projector", "cache", "measurement", "measurements",
 })
 
-_SR_KEY = 0x6D707861  # Fixed key of stochastic rounding; folded with the leaf and its step.
 _ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -97,8 +99,10 @@ class LeafConfig(NamedTuple):
     min_size: leaves with fewer elements stay as they are.
     compress: None: by the leaf's kind (`classify`: moments are compressed); True /
       False: force (True still needs a floating leaf of min_size that gets smaller).
-    rounding: 'nearest' (ties to even) or 'stochastic' (unbiased, E4M3 / E5M2; see
-      `expansion.encode`).
+    rounding: how `update` re-encodes a leaf: 'nearest' (ties to even) or
+      'stochastic' (unbiased, E4M3 / E5M2 only; see `expansion.encode`); None:
+      'stochastic' for E4M3 / E5M2, 'nearest' for HiF8. The first encode
+      (`compress`, `init`) always rounds to nearest.
   """
 
   fmt: str = "e4m3"
@@ -106,7 +110,7 @@ class LeafConfig(NamedTuple):
   group_size: int = 128
   min_size: int = 4096
   compress: bool | None = None
-  rounding: str = "nearest"
+  rounding: str | None = None
 
 
 _SETTINGS = LeafConfig._fields
@@ -239,14 +243,17 @@ def _check_config(cfg: LeafConfig, where: str) -> LeafConfig:
     raise ValueError(f"{where}: min_size must be a non-negative int, got {cfg.min_size!r}.")
   if cfg.compress not in (None, True, False):
     raise ValueError(f"{where}: compress must be None, True or False, got {cfg.compress!r}.")
-  if cfg.rounding not in _ROUNDINGS:
-    raise ValueError(f"{where}: rounding must be one of {_ROUNDINGS}, got {cfg.rounding!r}.")
-  if cfg.rounding == "stochastic" and not fp8bits.supports(fmt):
+  rounding = cfg.rounding
+  if rounding is None:
+    rounding = "stochastic" if fp8bits.supports(fmt) else "nearest"
+  if rounding not in _ROUNDINGS:
+    raise ValueError(f"{where}: rounding must be one of {_ROUNDINGS} or None, got {rounding!r}.")
+  if rounding == "stochastic" and not fp8bits.supports(fmt):
     raise ValueError(
         f"{where}: rounding='stochastic' supports fmt 'e4m3' and 'e5m2', not {fmt!r}; "
         "use rounding='nearest' with it."
     )
-  return cfg._replace(fmt=fmt, expansion=bool(cfg.expansion))
+  return cfg._replace(fmt=fmt, expansion=bool(cfg.expansion), rounding=rounding)
 
 
 def _apply(cfg: LeafConfig, changes: Mapping[str, Any] | None, where: str) -> LeafConfig:
@@ -319,19 +326,39 @@ def _path_salt(path: KeyPath) -> int:
   return zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF
 
 
+def _hash32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' 32-bit integer mixer, a bijection): uint32 -> uint32."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
 def _random_bits(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Array:
-  """uint32 bits of `shape` from fold_in(fold_in(key(_SR_KEY), salt), step) (threefry)."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(_SR_KEY), salt), step)
-  return jax.random.bits(key, shape, jnp.uint32)
+  """uint32 bits of `shape`: hash32(index * 0x9E3779B9 + hash32(hash32(salt) ^ step)).
+
+  A counter-based hash of each element's flat index, the leaf's step and its path hash
+  (a few integer ops per element; threefry costs about 6x the whole encoder on CPU). The
+  index comes from iotas, so a sharded leaf gets the same bits as an unsharded one.
+  """
+  seed = _hash32(_hash32(jnp.uint32(salt)) ^ step.astype(jnp.uint32))
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride = (stride * shape[axis]) & 0xFFFFFFFF
+  return _hash32(index * jnp.uint32(0x9E3779B9) + seed)
 
 
 def encode_leaf(
-    x: jax.Array, cfg: LeafConfig, *, step: jax.Array | int = 0, salt: int = 0
+    x: jax.Array, cfg: LeafConfig, *, step: jax.Array | None = None, salt: int = 0
 ) -> CompressedArray:
   """Compresses one array; groups along its last axis (see module docstring).
 
-  With cfg.rounding == 'stochastic' the random bits come from (salt, step), and
-  `step` is stored with the codes.
+  step None is a first encode: round to nearest (a stochastic leaf stores step 0).
+  Otherwise a leaf with cfg.rounding == 'stochastic' draws its bits from (salt, step)
+  and stores `step`.
   """
   shape, dtype = tuple(x.shape), np.dtype(x.dtype)
   g, n_pad = _storage(shape, cfg.group_size)
@@ -340,8 +367,11 @@ def encode_leaf(
   grouped = (*lead, n_pad // g, g)
   stored_step, bits = None, None
   if cfg.rounding == "stochastic":
-    stored_step = jnp.asarray(step, jnp.uint32)
-    bits = _random_bits(grouped, stored_step, salt)
+    if step is None:
+      stored_step = jnp.zeros((), jnp.uint32)
+    else:
+      stored_step = jnp.asarray(step, jnp.uint32)
+      bits = _random_bits(grouped, stored_step, salt)
   enc = expansion_lib.encode(xp.reshape(grouped), cfg.fmt, expansion=cfg.expansion, bits=bits)
   return CompressedArray(
       codes=enc.codes.reshape(*lead, n_pad),
@@ -377,6 +407,9 @@ def compress(
 ) -> Any:
   """Compresses the moment leaves of an Optax state (see the module docstring for which).
 
+  The codes round to nearest (the first encode); a leaf whose rounding is
+  'stochastic' stores step 0 and is re-encoded stochastically by `compress_states`.
+
   Leaves already compressed, non-moment leaves (`classify`), small leaves, non-float
   leaves (integers, booleans, complex, PRNG keys), scalars and non-array leaves stay
   as they are, as do leaves whose compressed form would not be smaller. Use it to
@@ -403,10 +436,9 @@ def compress(
   out = []
   for (path, x), cfg in zip(flat, plan, strict=True):
     if not is_compressed(x) and cfg is not None:
-      # The barriers stop XLA from constant-folding the codec (and the random bits) when
-      # state is a compile-time constant (e.g. the zeros of inner.init under jit): very slow.
-      x, step = jax.lax.optimization_barrier((x, jnp.zeros((), jnp.uint32)))
-      x = encode_leaf(x, cfg, step=step, salt=_path_salt(path))
+      # The barrier stops XLA from constant-folding the codec when state is a
+      # compile-time constant (e.g. the zeros of inner.init under jit), which is very slow.
+      x = encode_leaf(jax.lax.optimization_barrier(x), cfg)
     out.append(x)
   return jax.tree.unflatten(treedef, out)
 

@@ -11,6 +11,7 @@ import pytest
 
 import mpxla.optim as mo
 from mpxla.optim import expansion as ex
+from mpxla.optim.compress import encode_leaf
 
 _M = 448.0  # E4M3's largest value.
 
@@ -171,16 +172,18 @@ def test_stochastic_is_deterministic_per_step_and_leaf_and_resumes_bit_exact(tmp
   assert int(state4[0].mu["w"].step) == 4 and int(state4[0].nu["w"].step) == 4
   # The same inputs give the same bits: a second run is identical.
   _bits_equal(_sr_step(*run[2], jnp.float32(2)), run[3])
-  # The bits depend on the step: the same moment values encoded at another step differ.
-  plain = mo.decompress(state4)
-  other = jax.jit(lambda s: mo.compress(s, min_size=1024, rounding="stochastic"))(plain)
-  assert int(other[0].mu["w"].step) == 0
-  assert np.any(np.asarray(other[0].mu["w"].codes != state4[0].mu["w"].codes))
-  # ... and on the leaf: mu and nu of the same values draw different bits.
-  u = jnp.linspace(0.5, 2.0, 256 * 32).reshape(32, 256)
-  both = mo.compress(optax.ScaleByAdamState(jnp.zeros([], jnp.int32), u, u), min_size=1024,
-                     rounding="stochastic")
-  assert np.any(np.asarray(both.mu.codes != both.nu.codes))
+  # The bits depend on the step and on the leaf (its path's hash), nothing else.
+  cfg = state4[0].mu["w"].config
+  x = mo.decompress(state4)[0].mu["w"] * 1.01  # Off the grid.
+  enc = jax.jit(encode_leaf, static_argnames=("cfg", "salt"))
+  codes = lambda step, salt: np.asarray(enc(x, cfg, step=step, salt=salt).codes)  # noqa: E731
+  np.testing.assert_array_equal(codes(5, 7), codes(5, 7))
+  assert np.any(codes(5, 7) != codes(6, 7)) and np.any(codes(5, 7) != codes(5, 8))
+  # The first encode rounds to nearest and stores step 0.
+  first = mo.compress({"x": x}, min_size=1, rounding="stochastic")["x"]
+  assert int(first.step) == 0
+  np.testing.assert_array_equal(first.codes, mo.compress({"x": x}, min_size=1,
+                                                         rounding="nearest")["x"].codes)
   # Orbax: 2 steps, save, restore, 2 more steps == 4 steps, bit for bit.
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(tmp_path / "s2", {"params": run[2][0], "opt": run[2][1]})
@@ -201,6 +204,10 @@ def test_rounding_settings_and_errors():
   assert state[0].nu["w"].rounding == "stochastic"
   # 4 bytes for the step counter, per leaf.
   assert state[0].nu["w"].nbytes == state[0].mu["w"].nbytes + 4
+  # The default: stochastic for E4M3 / E5M2, nearest for HiF8 (no stochastic path).
+  assert mo.compress_states(optax.adam(1e-2)).init(_params())[0].nu["w"].rounding == "stochastic"
+  hif8 = mo.compress_states(optax.adam(1e-2), fmt="hif8").init(_params())
+  assert hif8[0].nu["w"].rounding == "nearest"
   with pytest.raises(ValueError, match="rounding must be one of"):
     mo.compress_states(optax.adam(1e-2), rounding="up")
   with pytest.raises(ValueError, match="rounding='stochastic' supports fmt 'e4m3' and 'e5m2'"):
