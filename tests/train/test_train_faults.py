@@ -25,7 +25,6 @@ from mpxla.train.lock import WorkdirLock, WorkdirLocked
 from mpxla.train.monitor import read_metrics
 from mpxla.train.trainer import NonFiniteState, Trainer
 
-
 DENSE = {"model.attention_impl": "'dense_jax'"}  # as in conftest's finished_run
 
 
