@@ -51,11 +51,16 @@ def _final_loss(opt):
 
 def test_mlp_fp8_states_track_float32_and_beat_plain_e4m3():
   lr = optax.cosine_decay_schedule(3e-3, _STEPS)
+  nearest = {"min_size": 1024, "rounding": "nearest"}
   runs = {
       "f32": _final_loss(optax.adam(lr)),
-      "expansion": _final_loss(mo.compress_states(optax.adam(lr), min_size=1024)),
-      "plain": _final_loss(mo.compress_states(optax.adam(lr), min_size=1024, expansion=False)),
+      "expansion": _final_loss(mo.compress_states(optax.adam(lr), **nearest)),
+      "plain": _final_loss(mo.compress_states(optax.adam(lr), **nearest, expansion=False)),
+      "stochastic": _final_loss(mo.compress_states(optax.adam(lr), min_size=1024)),
   }
   loss = {k: float(jnp.mean(f(jnp.arange(3)))) for k, f in runs.items()}  # 3 seeds.
   assert abs(loss["expansion"] / loss["f32"] - 1.0) <= 0.03, loss
   assert loss["expansion"] < loss["plain"], loss
+  # The default (stochastic rounding): no worse than float32 states by more than 3% (it came out
+  # 3.5% lower: its noise moves the 3-seed mean either way), and better than plain E4M3.
+  assert loss["stochastic"] <= 1.03 * loss["f32"] and loss["stochastic"] < loss["plain"], loss
