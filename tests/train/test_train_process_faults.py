@@ -142,6 +142,7 @@ def test_sigkill_during_async_save_resumes_exactly(data_cache, tmp_path, tiny_co
                      env=env(data_cache), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from step" in r.stdout
+  assert f"taking over the stale lock {workdir / 'trainer.lock'} (pid {proc.pid} is gone)" in r.stdout
   ref = tmp_path / "ref"
   Trainer(tiny_config(total_steps=str(killed_at + 2), checkpoint_every="1000",
                       **{"model.attention_impl": "'dense_jax'"}), ref).run()
