@@ -6,11 +6,14 @@ Prints, for optax.adamw (float32 moments) and mpxla.optim.adamw_fp8:
   - the jitted update's wall and CPU time (medians of timed runs) as ratios to optax.adamw,
     also with the state donated as in a train step,
   - with --breakdown, the codec's pieces (decode, group reduction, encode) per element,
-and the codec's error ratios against plain per-group E4M3.
+  - with --stall, the EMA stall case: a second moment whose per-step change is below half a
+    code step, round to nearest vs stochastic rounding against the float64 EMA,
+and the codec's error ratios against plain per-group E4M3. adamw_fp8 is timed with its
+default (stochastic rounding) and with rounding='nearest'.
 
 Run from the repository root:
   .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
-  [--bias] [--no-timing] [--breakdown]
+  [--bias] [--no-timing] [--breakdown] [--stall]
 
 XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (XLA's
 memory-minimizing schedule) before jax is imported; timings use that schedule too.
@@ -108,6 +111,8 @@ def _codec_costs(rows: int = 16384, iters: int = 7) -> list[tuple[str, float, fl
       "decode (codes -> float32)": (lambda c: flag(comp.decode_leaf(c)), enc),
       "group max / nonzero min": (lambda a: ex.group_range(a.reshape(rows, 8, 128)), x),
       "encode (float32 -> codes, k, amax)": (lambda a: comp.encode_leaf(a, cfg), x),
+      "encode, stochastic rounding": (
+          lambda a: comp.encode_leaf(a, cfg, step=jnp.uint32(1), salt=0), x),
   }
   out = []
   for name, (f, arg) in pieces.items():
@@ -120,6 +125,43 @@ def _codec_costs(rows: int = 16384, iters: int = 7) -> list[tuple[str, float, fl
       ts.append((time.perf_counter() - t, time.process_time() - c))
     wall, cpu = np.median(np.asarray(ts), axis=0) / x.size * 1e9
     out.append((name, float(wall), float(cpu)))
+  return out
+
+
+def _stall(steps: int = 300, b2: float = 0.99) -> list[tuple[str, float, float, float]]:
+  """The EMA stall: (rounding, mean, standard error, RMS) of the relative error after `steps`.
+
+  A (64, 128) second moment (scale_by_rms, decay b2) whose groups span 5 decades (k <= 1):
+  column 0 holds the group max 1 and column 1 the min 1e-5, both with g^2 = v (they stay
+  put, and so do k and amax); the others start at v0 in [1e-5, 0.4] with g^2 = 2 v0, so
+  v <- b2 v + (1 - b2) g^2 changes by at most 1% per step, below 2^-5 and below half an
+  E4M3 step at k <= 1. Errors are against the float64 EMA from the same decoded start.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  import mpxla.optim as mo  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(3)
+  v0 = 10.0 ** rng.uniform(-5.0, np.log10(0.4), (64, 128))
+  v0[:, 0], v0[:, 1] = 1.0, 1e-5
+  g2 = 2.0 * v0
+  g2[:, :2] = v0[:, :2]
+  g = np.sqrt(g2).astype(np.float32)
+  out = []
+  for rounding in ("nearest", "stochastic"):
+    opt = mo.compress_states(optax.scale_by_rms(decay=b2, eps=0.0), min_size=1,
+                             rounding=rounding)
+    state = mo.compress(optax.ScaleByRmsState(nu=v0.astype(np.float32)), min_size=1,
+                        rounding=rounding)
+    final = jax.jit(lambda s, opt=opt: jax.lax.scan(
+        lambda c, _: (opt.update(g, c)[1], None), s, None, length=steps)[0])(state)
+    ref = np.asarray(mo.decompress(state).nu, np.float64)
+    for _ in range(steps):
+      ref = b2 * ref + (1 - b2) * g2.astype(np.float32).astype(np.float64)
+    rel = (np.asarray(mo.decompress(final).nu, np.float64) / ref - 1)[:, 2:]
+    out.append((rounding, rel.mean(), rel.std() / np.sqrt(rel.size), np.sqrt(np.mean(rel**2))))
   return out
 
 
@@ -176,11 +218,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no-timing", action="store_true", help="skip the wall-time table")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the codec's pieces per element (one 16M-element leaf)")
+  parser.add_argument("--stall", action="store_true",
+                      help="also print the EMA stall case (nearest vs stochastic rounding)")
   args = parser.parse_args(argv)
 
   _set_flags()
-  print("$ cd " + shlex.quote(os.getcwd()) + " && " +
-        shlex.join([os.path.relpath(sys.executable)] + sys.argv))
+  print("$ " + shlex.join([".venv/bin/python"] + sys.argv))
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -202,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"GPT pytree: {args.layers} layers, d={args.d_model}, vocab={args.vocab}, ctx={args.ctx}, "
         f"bias={args.bias}: {len(leaves)} leaves, {n:,} parameters, largest leaf {largest:,}")
 
-  opts = {"optax.adamw": optax.adamw(1e-3), "mpxla adamw_fp8": mo.adamw_fp8(1e-3)}
+  opts = {"optax.adamw": optax.adamw(1e-3), "mpxla adamw_fp8": mo.adamw_fp8(1e-3),
+          "mpxla adamw_fp8, nearest": mo.adamw_fp8(1e-3, rounding="nearest")}
   states, compiled = {}, {}
   for name, opt in opts.items():
     states[name] = jax.jit(opt.init)(params)
@@ -222,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(c.codes.size + 12 * c.amax.size for c in comp) / n_comp:.4f} |")
   print(f"| mpxla adamw_fp8 (E4M3 + uint8 k + float32 amax / group) | {mo.nbytes(fp8_state) / n:.4f} | "
         f"{sum(c.nbytes for c in comp) / n_comp:.4f} |")
-  print(f"({n_comp:,} of {n:,} parameters have compressed moments; the rest stay float32.)")
+  print(f"({n_comp:,} of {n:,} parameters have compressed moments; the rest stay float32; "
+        f"rounding='nearest': {mo.nbytes(states['mpxla adamw_fp8, nearest']) / n:.4f}.)")
 
   print()
   print("| update (jit) | temp bytes | largest leaf's fp32 m+v | all fp32 m+v | temp / largest |")
@@ -249,6 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(per parameter, state donated: optax.adamw {dref[0] / n * 1e9:.2f} ns wall, "
           f"{dref[1] / n * 1e9:.2f} ns CPU; adamw_fp8 {fp8[0] / n * 1e9:.2f} ns wall, "
           f"{fp8[1] / n * 1e9:.2f} ns CPU)")
+
+  if args.stall:
+    print()
+    print("| EMA stall case, 300 steps, b2 = 0.99 | mean relative error vs float64 EMA | "
+          "standard error | mean / SE | RMS |")
+    print("|---|---|---|---|---|")
+    for rounding, mean, se, rms in _stall():
+      print(f"| {rounding} | {mean:+.4f} | {se:.4f} | {mean / se:+.1f} | {rms:.4f} |")
 
   if args.breakdown:
     print()

@@ -158,7 +158,7 @@ def _main() -> int:
     path.write_text(source(args.mode))
     env_path = [str(here)] + sys.path
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-           "-rs", "--rootdir", tmp, str(path), *args.pytest_args]
+           "-rfEs", "--rootdir", tmp, str(path), *args.pytest_args]
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(env_path)},
                          capture_output=True, text=True, check=False)
