@@ -243,17 +243,22 @@ def _check_config(cfg: LeafConfig, where: str) -> LeafConfig:
     raise ValueError(f"{where}: min_size must be a non-negative int, got {cfg.min_size!r}.")
   if cfg.compress not in (None, True, False):
     raise ValueError(f"{where}: compress must be None, True or False, got {cfg.compress!r}.")
-  rounding = cfg.rounding
-  if rounding is None:
-    rounding = "stochastic" if fp8bits.supports(fmt) else "nearest"
-  if rounding not in _ROUNDINGS:
-    raise ValueError(f"{where}: rounding must be one of {_ROUNDINGS} or None, got {rounding!r}.")
-  if rounding == "stochastic" and not fp8bits.supports(fmt):
+  if cfg.rounding is not None and cfg.rounding not in _ROUNDINGS:
+    raise ValueError(
+        f"{where}: rounding must be one of {_ROUNDINGS} or None, got {cfg.rounding!r}.")
+  if cfg.rounding == "stochastic" and not fp8bits.supports(fmt):
     raise ValueError(
         f"{where}: rounding='stochastic' supports fmt 'e4m3' and 'e5m2', not {fmt!r}; "
         "use rounding='nearest' with it."
     )
-  return cfg._replace(fmt=fmt, expansion=bool(cfg.expansion), rounding=rounding)
+  return cfg._replace(fmt=fmt, expansion=bool(cfg.expansion))
+
+
+def _rounding(cfg: LeafConfig) -> str:
+  """cfg.rounding, with None resolved: 'stochastic' for E4M3 / E5M2, 'nearest' for HiF8."""
+  if cfg.rounding is not None:
+    return cfg.rounding
+  return "stochastic" if fp8bits.supports(cfg.fmt) else "nearest"
 
 
 def _apply(cfg: LeafConfig, changes: Mapping[str, Any] | None, where: str) -> LeafConfig:
@@ -366,7 +371,7 @@ def encode_leaf(
   xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, n_pad - shape[-1])])
   grouped = (*lead, n_pad // g, g)
   stored_step, bits = None, None
-  if cfg.rounding == "stochastic":
+  if _rounding(cfg) == "stochastic":
     if step is None:
       stored_step = jnp.zeros((), jnp.uint32)
     else:

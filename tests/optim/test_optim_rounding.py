@@ -208,6 +208,8 @@ def test_rounding_settings_and_errors():
   assert mo.compress_states(optax.adam(1e-2)).init(_params())[0].nu["w"].rounding == "stochastic"
   hif8 = mo.compress_states(optax.adam(1e-2), fmt="hif8").init(_params())
   assert hif8[0].nu["w"].rounding == "nearest"
+  mixed = mo.compress_states(optax.adam(1e-2), overrides={"nu": {"fmt": "hif8"}}).init(_params())
+  assert mixed[0].nu["w"].rounding == "nearest" and mixed[0].mu["w"].rounding == "stochastic"
   with pytest.raises(ValueError, match="rounding must be one of"):
     mo.compress_states(optax.adam(1e-2), rounding="up")
   with pytest.raises(ValueError, match="rounding='stochastic' supports fmt 'e4m3' and 'e5m2'"):
