@@ -7,11 +7,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import BlockMask
 from mpxla.attention.xla import name_residuals
+from mpxla.quant.tracing import zero_cotangent
 
 
 class Cfg(NamedTuple):
@@ -102,7 +102,7 @@ def differentiable(forward, backward):
   def bwd(cfg, res, do):
     q, k, v, o, lse, bm = res
     dq, dk, dv = backward(q, k, v, o, lse, do, bm, cfg)[:3]
-    return dq, dk, dv, jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
+    return dq, dk, dv, zero_cotangent(bm)
 
   attention.defvjp(fwd, bwd)
   return attention

@@ -30,23 +30,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from mpxla.attention import masks as M
 from mpxla.attention.block_mask import DENSE_THRESHOLD, BlockMask
-from mpxla.quant.order import after
+from mpxla.quant.tracing import ATTENTION_LSE, ATTENTION_OUT, after, tag, zero_cotangent
 
 # Checkpoint names of the saved output and log-sum-exp (every implementation's custom VJP):
 # under `jax.checkpoint(policy=save_only_these_names(*RESIDUAL_NAMES, ...))` they are kept
 # and the attention forward is not recomputed in the backward pass (q, k, v may be).
-OUT_NAME = "mpxla_attention_out"
-LSE_NAME = "mpxla_attention_lse"
-RESIDUAL_NAMES = (OUT_NAME, LSE_NAME)
+RESIDUAL_NAMES = (ATTENTION_OUT, ATTENTION_LSE)
 
 
 def name_residuals(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(o, lse) tagged with `RESIDUAL_NAMES` (a no-op outside `jax.checkpoint`)."""
-  return checkpoint_name(o, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  return tag(o, ATTENTION_OUT), tag(lse, ATTENTION_LSE)
 
 
 class _Cfg(NamedTuple):
@@ -91,8 +88,7 @@ def _attention_bwd(cfg, res, do):
   # the backward's float32 copies and keep alive from one pass to the other, on CPU).
   q, k, v, o = (after(a, lse) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), bm)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_cotangent(bm)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -38,7 +38,7 @@ from flax import nnx
 
 from mpxla.parallel import stats
 from mpxla.parallel.stats import AxisName
-from mpxla.quant.sharding import auto_regroup, input_mesh
+from mpxla.quant.sharding import auto_regroup, input_mesh, varying_axes
 
 Initializer = Callable[..., jax.Array]
 
@@ -72,7 +72,7 @@ def batch_statistics(
   """Group statistics for BatchNorm: (mean, var) float32 [groups, *features] and the plan."""
   if scope == "global" and ghost_batch_size is None:
     stats.check_global(x, axis_name, "BatchNorm(stat_scope='global')")
-  if scope == "local" and axis_name is None and not stats.varying_axes(x):
+  if scope == "local" and axis_name is None and not varying_axes(x):
     raise ValueError(
         "BatchNorm(stat_scope='local') outside shard_map needs axis_name=<the batch mesh "
         "axes> (under `jax.set_mesh(mesh)`) to know the device shards; pass axis_name=() if "

@@ -31,6 +31,8 @@ import numpy as np
 from mpxla import formats, quant
 from mpxla.nn import flow
 from mpxla.nn.fp8_dot import DotConfig
+from mpxla.quant.sharding import match_varying
+from mpxla.quant.tracing import after, zero_cotangent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,7 @@ def _saved_bwd(spec, res, g):
   n = len(acts_hat)
   d_acts = tuple(d.astype(t) for d, t in zip(grads[:n], spec.act_dtypes, strict=True))
   d_params = tuple(d.astype(p.dtype) for d, p in zip(grads[n:], params, strict=True))
-  return d_acts, flow.zero_cotangent(qs), d_params
+  return d_acts, zero_cotangent(qs), d_params
 
 
 _saved_call.defvjp(_saved_fwd, _saved_bwd)
@@ -97,11 +99,11 @@ def fp8_saved(
       raise TypeError(f"FP8-saved activations must be floating, got {a.dtype}.")
   qs = tuple(flow.quantize_once(a, fmt, quant.PerGroup(group)) for a in acts)
   spec = _Spec(fn, tuple(np.dtype(a.dtype) for a in acts))
-  both = flow.match_varying(*acts, *(jnp.asarray(p) for p in params))
+  both = match_varying(*acts, *(jnp.asarray(p) for p in params))
   y = _saved_call(spec, both[:len(acts)], qs, both[len(acts):])
   # The codes are computed now, in the forward pass (else XLA may compute them from the
   # high-precision input in the backward pass, keeping that input alive in between).
-  y = flow.after(y, *(q.codes for q in qs))
+  y = after(y, *(q.codes for q in qs))
   if linear_input is not None and linear_input.scaling == "tensor":
     flow.group_scaled_quantize(y, linear_input.fwd_fmt, group=group, margin=linear_input.margin,
                                axis_name=linear_input.axis_name)

@@ -47,6 +47,8 @@ from jax.sharding import PartitionSpec as P
 
 from mpxla import formats, quant
 from mpxla.nn import flow
+from mpxla.quant.sharding import match_varying, varying_axes
+from mpxla.quant.tracing import after, tag, zero_cotangent
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 SCALINGS = ("tensor", "delayed", "block")
@@ -167,12 +169,12 @@ def _quantize_tensor(x, fmt, config: DotConfig, history=None):
   """(per-tensor QTensor of x, x's current amax). With an amax `history` (delayed scaling) the
   scale comes from its max, or from the current amax while the history is all zero."""
   x = jax.lax.stop_gradient(x)
-  current = flow.amax(x, "tensor", config.axis_name)
+  current = quant.amax(x, "tensor", axis_name=config.axis_name)
   a = current
   if history is not None:
     past = quant.amax_from_history(history)
     a = jnp.where(past > 0, past, current)
-  return flow.quantize_tensor_with_amax(x, fmt, a, config.margin), current
+  return quant.quantize_with_amax(x, fmt, "tensor", a, margin=config.margin), current
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -187,7 +189,7 @@ def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes):
 
 
 def _codes_after(q, *deps):
-  """q's codes, computed after `deps` (`flow.after`), for the backward's FP8 dots.
+  """q's codes, computed after `deps` (`tracing.after`), for the backward's FP8 dots.
 
   Made to depend on the gradient's scale, the saved codes are not merged with the forward's
   upcast of the same codes (XLA on CPU upcasts FP8 dot operands and would keep that float32
@@ -195,19 +197,19 @@ def _codes_after(q, *deps):
   compute dw, which nothing else waits for, only at the end of the backward pass and keep
   the codes of x and g alive until then, those of every layer of a stack at once.
   """
-  return flow.after(q.codes, *deps)
+  return after(q.codes, *deps)
 
 
 def _tensor_dot_bwd(spec, res, g):
   """dw = x8^T g8 first, then dx = g8 w8^T, on FP8 codes (see `_codes_after`)."""
   lq, rq, state, amaxes = res
   c = spec.config
-  g = flow.after(g, rq.scales)  # read twice (amax, cast): materialized as it is, not widened
+  g = after(g, rq.scales)  # read twice (amax, cast): materialized as it is, not widened
   gq, g_amax = _quantize_tensor(g, c.bwd_fmt, c, None if state is None else state["grad"])
   gq = flow.stored(gq)
   drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, rq.codes.ndim,
                         like=rq.codes) * (gq.scales * lq.scales)
-  drhs = flow.after(drhs.astype(spec.rhs_dtype), gq.scales)  # complete before dx starts
+  drhs = after(drhs.astype(spec.rhs_dtype), gq.scales)  # complete before dx starts
   dlhs = _transpose_lhs(_codes_after(gq, drhs), _codes_after(rq, gq.scales), spec.dn,
                         lq.codes.ndim, like=lq.codes) * (gq.scales * rq.scales)
   if state is None:
@@ -218,8 +220,8 @@ def _tensor_dot_bwd(spec, res, g):
         "rhs": quant.update_amax_history(state["rhs"], amaxes[1]),
         "grad": quant.update_amax_history(state["grad"], g_amax),
     }
-  return (dlhs.astype(spec.lhs_dtype), drhs, flow.zero_cotangent(lq),
-          flow.zero_cotangent(rq), new_state, flow.zero_cotangent(amaxes))
+  return (dlhs.astype(spec.lhs_dtype), drhs, zero_cotangent(lq),
+          zero_cotangent(rq), new_state, zero_cotangent(amaxes))
 
 
 _tensor_dot.defvjp(_tensor_dot_fwd, _tensor_dot_bwd)
@@ -292,7 +294,7 @@ def _block_dot_bwd(spec, res, g3):
   lq, rq = res
   c, bs = spec.config, spec.config.block
   K = lq.codes.shape[2]
-  g3 = flow.after(g3, rq.scales)  # read three times: materialized as it is, not widened
+  g3 = after(g3, rq.scales)  # read three times: materialized as it is, not widened
   # dw = x^T . g: both in bs x 1 groups along the tokens M (x requantized from its codes).
   gq_m = quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, N]
   lq = dataclasses.replace(lq, codes=_codes_after(lq, gq_m.scales))
@@ -300,7 +302,7 @@ def _block_dot_bwd(spec, res, g3):
   xq = quant.quantize(x_hat, c.fwd_fmt, quant.PerGroup(bs, axis=1))  # scales [B, nM, K]
   drhs = _grouped_dot(jnp.swapaxes(xq.codes, 1, 2), jnp.swapaxes(xq.scales, 1, 2),
                       gq_m.codes, gq_m.scales, bs)
-  drhs = flow.after(drhs.astype(spec.rhs_dtype), gq_m.scales)
+  drhs = after(drhs.astype(spec.rhs_dtype), gq_m.scales)
   # dx = g . w^T: g in 1 x bs groups along N; w's bs x bs tiles serve transposed.
   gq = flow.stored(quant.quantize(g3, c.bwd_fmt, quant.PerGroup(bs, axis=-1)))
   gq = dataclasses.replace(gq, codes=_codes_after(gq, drhs))
@@ -308,8 +310,8 @@ def _block_dot_bwd(spec, res, g3):
   w_t = jnp.swapaxes(rq.codes, 1, 2)  # [B, N, K]
   sw_t = _repeat_to(jnp.swapaxes(rq.scales, 1, 2), 2, K, bs)  # [B, nN, K]
   dlhs = _grouped_dot(gq.codes, gq.scales, w_t, sw_t, bs)
-  return (dlhs.astype(spec.lhs_dtype), drhs, flow.zero_cotangent(lq),
-          flow.zero_cotangent(rq))
+  return (dlhs.astype(spec.lhs_dtype), drhs, zero_cotangent(lq),
+          zero_cotangent(rq))
 
 
 _block_dot.defvjp(_block_dot_fwd, _block_dot_bwd)
@@ -326,7 +328,7 @@ def _block_dot_general(lhs, rhs, dn, config: DotConfig, out_dtype):
   rq = flow.residual(quant.quantize(jax.lax.stop_gradient(rhs3), config.fwd_fmt,
                                     quant.PerBlock((bs, bs))))
   spec = _BlockSpec(config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype))
-  lhs3, rhs3 = flow.match_varying(lhs3, rhs3)
+  lhs3, rhs3 = match_varying(lhs3, rhs3)
   out3 = _block_dot(spec, lhs3, rhs3, lq, rq)
   # dot_general's output order: batch, lhs free, rhs free.
   return out3.reshape([lhs.shape[i] for i in (*lb, *l_free)] + [rhs.shape[i] for i in r_free])
@@ -378,7 +380,7 @@ def fp8_dot_general(
     state = {k: jnp.asarray(state[k], jnp.float32) for k in ("lhs", "rhs", "grad")}
     lq, lhs_amax = _quantize_tensor(lhs, config.fwd_fmt, config, state["lhs"])
     rq, rhs_amax = _quantize_tensor(rhs, config.fwd_fmt, config, state["rhs"])
-    lq, rq, amaxes = flow.residual(lq), flow.residual(rq), flow.tag((lhs_amax, rhs_amax))
+    lq, rq, amaxes = flow.residual(lq), flow.residual(rq), tag((lhs_amax, rhs_amax))
   else:
     if state is not None:
       raise ValueError("state= is for scaling='delayed'; 'tensor' scaling keeps no state.")
@@ -388,8 +390,8 @@ def fp8_dot_general(
     rq = flow.quantize_once(rhs, config.fwd_fmt, "tensor", margin=config.margin,
                             axis_name=config.axis_name)
   spec = _Spec(dn, config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype))
-  lhs, rhs = flow.match_varying(lhs, rhs)
-  if state is not None and flow.varying_axes(lhs) - flow.varying_axes(state["lhs"]) and (
+  lhs, rhs = match_varying(lhs, rhs)
+  if state is not None and varying_axes(lhs) - varying_axes(state["lhs"]) and (
       config.axis_name is None):
     raise ValueError(
         "scaling='delayed' inside shard_map needs DotConfig(axis_name=...) so that every "

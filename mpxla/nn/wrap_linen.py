@@ -14,7 +14,7 @@ a call. `QuantizedModule.init/apply` run the original module's `init/apply` insi
 
 Delayed scaling keeps its amax histories in the 'fp8_state' collection of each layer
 (`mpxla.nn.delayed`). Under activation-saving recipes `apply` runs under
-`jax.checkpoint(policy=flow.POLICY)` (see `mpxla.nn.quantize`).
+`jax.checkpoint(policy=mpxla.quant.tracing.POLICY)` (see `mpxla.nn.quantize`).
 """
 
 from __future__ import annotations
@@ -27,19 +27,19 @@ import jax
 import jax.numpy as jnp
 
 from mpxla import quant
-from mpxla.nn import flow, fp8_act
-from mpxla.nn.delayed import COLLECTION, HISTORY_NAMES
-from mpxla.nn.wrap import (
-  Plan,
-  Session,
-  checkpointed,
-  describe_recipe,
-  keep_dot_general,
-  keep_einsum,
-  layer_dot_general,
-  layer_einsum,
-  session,
+from mpxla.nn._layers import (
+    checkpointed,
+    describe_recipe,
+    fp8_norm,
+    keep_dot_general,
+    keep_einsum,
+    last_axis_only,
+    layer_dot_general,
+    layer_einsum,
 )
+from mpxla.nn._plan import Plan, Session, session
+from mpxla.nn.delayed import COLLECTION, HISTORY_NAMES
+from mpxla.quant import tracing
 
 _NORMS = {nn.RMSNorm: "rms_norm", nn.LayerNorm: "layer_norm"}
 
@@ -122,18 +122,13 @@ def _einsum(m, next_fun, args, kwargs, sess: Session, remat: bool):
   return y
 
 
-def _last_axis_only(m) -> bool:
-  return all(a in (-1, (-1,), [-1]) for a in (m.reduction_axes, m.feature_axes)) and (
-      m.axis_name is None)
-
-
 def _norm(m, next_fun, args, kwargs, sess: Session, remat: bool):
   path = _path(m)
   kind = _NORMS[type(m)]
   x = args[0] if args else kwargs["x"]
   mask = args[1] if len(args) > 1 else kwargs.get("mask")
   recipe = sess.resolve(path)
-  if mask is not None or not _last_axis_only(m):
+  if mask is not None or not last_axis_only(m):
     sess.note(path, f"kept ({kind} with a mask or over other axes than the last)")
     recipe = None
   else:
@@ -141,18 +136,16 @@ def _norm(m, next_fun, args, kwargs, sess: Session, remat: bool):
   if recipe is None or recipe.activations is None:
     if remat:  # its input is saved as it is instead of recomputed from far away
       if args:
-        args = (flow.tag(x, flow.KEEP), *args[1:])
+        args = (tracing.tag(x, tracing.KEEP), *args[1:])
       else:
-        kwargs = {**kwargs, "x": flow.tag(x, flow.KEEP)}
+        kwargs = {**kwargs, "x": tracing.tag(x, tracing.KEEP)}
     return next_fun(*args, **kwargs)
   features = (x.shape[-1],)
   scale = m.param("scale", m.scale_init, features, m.param_dtype) if m.use_scale else None
-  common = dict(eps=m.epsilon, dtype=m.dtype, fmt=recipe.activations, group=recipe.group,
-                linear_input=recipe.linear)
-  if kind == "rms_norm":
-    return fp8_act.rms_norm(x, scale, **common)
-  bias = m.param("bias", m.bias_init, features, m.param_dtype) if m.use_bias else None
-  return fp8_act.layer_norm(x, scale, bias, **common)
+  bias = None
+  if kind == "layer_norm" and m.use_bias:
+    bias = m.param("bias", m.bias_init, features, m.param_dtype)
+  return fp8_norm(kind, x, scale, bias, eps=m.epsilon, dtype=m.dtype, recipe=recipe)
 
 
 def _interceptor(sess: Session, remat: bool):
@@ -214,7 +207,7 @@ class QuantizedModule(nn.Module):
         return self.module.apply(variables, *args, **kwargs)
 
     if remat:
-      return checkpointed(run, variables, *args, **kwargs)
+      return checkpointed(jax.checkpoint, run, (), (variables, *args), kwargs)
     return run(variables, *args, **kwargs)
 
   @nn.nowrap

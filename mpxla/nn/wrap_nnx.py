@@ -7,7 +7,8 @@ NNX modules exist as objects before they are called, so `quantize_nnx` rewrites 
 * RMSNorm, LayerNorm over the last axis: the instance's class becomes an FP8-saving
   subclass (same attributes and parameters, so same state paths).
 * The root's class becomes a subclass whose `__call__` runs the original one inside the
-  FP8 flow context, under `nnx.remat(policy=flow.POLICY)` for activation-saving recipes.
+  FP8 flow context, under `nnx.remat(policy=mpxla.quant.tracing.POLICY)` for
+  activation-saving recipes.
 """
 
 from __future__ import annotations
@@ -18,21 +19,20 @@ import jax
 from flax import nnx
 
 from mpxla import quant
-from mpxla.nn import flow, fp8_act
+from mpxla.nn._layers import (
+    checkpointed,
+    describe_recipe,
+    fp8_norm,
+    keep_dot_general,
+    keep_einsum,
+    last_axis_only,
+    layer_dot_general,
+    layer_einsum,
+)
+from mpxla.nn._plan import Plan, Session, current_session, session
 from mpxla.nn.delayed import HISTORY_NAMES, Fp8State
 from mpxla.nn.recipes import Recipe
-from mpxla.nn.wrap import (
-  Plan,
-  Session,
-  current_session,
-  describe_recipe,
-  keep_dot_general,
-  keep_einsum,
-  layer_dot_general,
-  layer_einsum,
-  session,
-  split_static,
-)
+from mpxla.quant import tracing
 
 
 class Fp8Dot(nnx.Module):
@@ -68,15 +68,11 @@ def _norm_call(module, base_call, x, mask, kind: str):
   recipe = module.mpxla_recipe
   if mask is not None or recipe is None or recipe.activations is None:
     if _remat_active():
-      x = flow.tag(x, flow.KEEP)
+      x = tracing.tag(x, tracing.KEEP)
     return base_call(module, x, mask=mask)
   scale = module.scale[...] if module.use_scale else None
-  common = dict(eps=module.epsilon, dtype=module.dtype, fmt=recipe.activations,
-                group=recipe.group, linear_input=recipe.linear)
-  if kind == "rms_norm":
-    return fp8_act.rms_norm(x, scale, **common)
-  bias = module.bias[...] if module.use_bias else None
-  return fp8_act.layer_norm(x, scale, bias, **common)
+  bias = module.bias[...] if kind == "layer_norm" and module.use_bias else None
+  return fp8_norm(kind, x, scale, bias, eps=module.epsilon, dtype=module.dtype, recipe=recipe)
 
 
 class Fp8RMSNorm(nnx.RMSNorm):
@@ -96,22 +92,6 @@ class Fp8LayerNorm(nnx.LayerNorm):
 _NORMS = {nnx.RMSNorm: Fp8RMSNorm, nnx.LayerNorm: Fp8LayerNorm}
 
 
-def _last_axis_only(m) -> bool:
-  return all(a in (-1, (-1,), [-1]) for a in (m.reduction_axes, m.feature_axes)) and (
-      m.axis_name is None)
-
-
-def _checkpointed(run, module, *args, **kwargs):
-  """run(module, *args, **kwargs) under `nnx.remat(policy=flow.POLICY)`; non-arrays static."""
-  arrays, rebuild = split_static(args, kwargs)
-
-  def inner(module, arrays):
-    a, k = rebuild(arrays)
-    return run(module, *a, **k)
-
-  return nnx.remat(inner, policy=flow.POLICY, prevent_cse=True)(module, arrays)
-
-
 @functools.cache
 def _root_class(cls: type) -> type:
   """A subclass of the model's class whose `__call__` runs in the FP8 context."""
@@ -124,7 +104,7 @@ def _root_class(cls: type) -> type:
         return cls.__call__(module, *a, **k)
 
     if plan.remat:
-      return _checkpointed(run, self, *args, **kwargs)
+      return checkpointed(nnx.remat, run, (self,), args, kwargs)
     return run(self, *args, **kwargs)
 
   return type(f"Quantized{cls.__name__}", (cls,),
@@ -167,7 +147,7 @@ def quantize_nnx(model: nnx.Module, plan: Plan) -> nnx.Module:
           node.dot_general_cls = None
     elif type(node) in _NORMS:
       recipe = sess.resolve(path)
-      if not _last_axis_only(node):
+      if not last_axis_only(node):
         sess.note(path, "kept (norm over other axes than the last)")
         recipe = None
       else:

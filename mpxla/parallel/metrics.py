@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpxla.parallel.stats import AxisName, axis_names, batch_view, check_global, varying_axes
+from mpxla.parallel.stats import AxisName, axis_names, batch_view, check_global
+from mpxla.quant.sharding import varying_axes
 
 
 def weighted_mean(

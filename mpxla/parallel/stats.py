@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from mpxla import quant
 from mpxla.formats import Format
-from mpxla.quant.sharding import auto_regroup
+from mpxla.quant.sharding import auto_regroup, varying_axes
 
 AxisName = str | Sequence[str] | None
 Scope = Literal["global", "local"]
@@ -55,16 +55,6 @@ def axis_names(axis_name: AxisName) -> tuple[str, ...]:
   if len(set(names)) != len(names):
     raise ValueError(f"axis_name={axis_name!r} names an axis twice.")
   return names
-
-
-def varying_axes(x: jax.Array) -> frozenset[str]:
-  """Manual mesh axes that `x` varies over inside `shard_map` (empty elsewhere)."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    mat = getattr(aval, "manual_axis_type", None)
-    vma = getattr(mat, "varying", frozenset()) if mat is not None else frozenset()
-  return frozenset(vma)
 
 
 @dataclasses.dataclass(frozen=True)

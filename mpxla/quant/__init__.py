@@ -1,7 +1,12 @@
-"""Scaled quantization: `QTensor`, granularities, just-in-time and delayed scales."""
+"""Scaled quantization: `QTensor`, granularities, just-in-time and delayed scales.
+
+Modules beside the public names below: `sharding` (mesh axes under jit and shard_map) and
+`tracing` (checkpoint names, the remat policy and the `after` scheduling hint), shared by
+mpxla.nn, mpxla.attention and mpxla.parallel.
+"""
 
 from mpxla.quant.granularity import PerBlock, PerGroup, PerTensor, as_granularity
-from mpxla.quant.qtensor import QTensor, dequantize, quantize, scales_shape
+from mpxla.quant.qtensor import QTensor, dequantize, quantize, quantize_with_amax, scales_shape
 from mpxla.quant.scaling import (
     amax,
     amax_from_history,
@@ -21,6 +26,7 @@ __all__ = [
     "dequantize",
     "init_amax_history",
     "quantize",
+    "quantize_with_amax",
     "scale_from_amax",
     "scales_shape",
     "update_amax_history",

@@ -86,9 +86,8 @@ def quantize(
         "scale to quantize: convert with x.astype(jnp.float32) if that is meant."
     )
   fmt, g = get_format(fmt), as_granularity(granularity)
-  current = compute_amax(x, g, axis_name=axis_name)
   if amax is None:
-    amax = current
+    amax = compute_amax(x, g, axis_name=axis_name)
   else:
     if not isinstance(amax, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(amax))):
       raise ValueError(
@@ -96,12 +95,33 @@ def quantize(
           "amax of finite data (e.g. amax_from_history of finite steps), or 0 to use the "
           "current amax.")
     amax = jnp.asarray(amax, jnp.float32)
-    if amax.shape != current.shape:
+    grid = scale_shape(tuple(x.shape), g)
+    if amax.shape != grid:
       raise ValueError(
           f"amax has shape {amax.shape}, but {g} on x of shape {x.shape} needs "
-          f"the scale-grid shape {current.shape}."
+          f"the scale-grid shape {grid}."
       )
-    amax = jnp.where(amax > 0, amax, current)
+    amax = jnp.where(amax > 0, amax, compute_amax(x, g, axis_name=axis_name))
+  return quantize_with_amax(x, fmt, g, amax, margin=margin, rounding=rounding, key=key)
+
+
+def quantize_with_amax(
+    x: jax.Array,
+    fmt: str | Format,
+    granularity: str | Granularity,
+    amax: jax.Array,
+    *,
+    margin: float = 0.0,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> QTensor:
+  """`quantize` with `amax` (on the scale grid) used as it is: no reduction over x.
+
+  For callers that already hold the amax (FP8 matmuls, group-derived amaxes, delayed
+  scaling with its own fallback). amax 0 gives scale 1 (zero codes), a non-finite amax NaN
+  scales; nothing is checked against x, and values above the amax saturate.
+  """
+  fmt, g = get_format(fmt), as_granularity(granularity)
   scales = scale_from_amax(amax, fmt, margin)
   xb = to_blocks(x.astype(jnp.float32), g) / expand_scales(scales, x.shape, g)
   codes = cast(from_blocks(xb, x), fmt, rounding=rounding, key=key, saturate=True)

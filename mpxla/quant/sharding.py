@@ -1,10 +1,16 @@
-"""Inputs sharded over Explicit mesh axes (JAX's default for `jax.make_mesh`).
+"""Mesh axes as seen by code that must work under `jit` and inside `shard_map` alike.
 
-Code that regroups a sharded axis (a reshape that splits or merges it: statistic groups,
-attention blocks) has no sharding-in-types rule for it. `auto_regroup` runs such code with
-the mesh axes turned Auto (`jax.sharding.auto_axes`), and `input_mesh` supplies the mesh
-from the input's type when no `jax.set_mesh` context is set. Shared by mpxla.parallel and
-mpxla.attention.
+Manual axes (`shard_map`): `varying_axes(x)` names the axes over which x differs between
+devices (JAX's varying-axes tracking), `match_varying(*arrays)` makes arrays vary alike, as
+a custom VJP needs.
+
+Explicit axes (JAX's default for `jax.make_mesh`): code that regroups a sharded axis (a
+reshape that splits or merges it: statistic groups, attention blocks) has no
+sharding-in-types rule for it. `auto_regroup` runs such code with the mesh axes turned Auto
+(`jax.sharding.auto_axes`), and `input_mesh` supplies the mesh from the input's type when no
+`jax.set_mesh` context is set.
+
+Shared by mpxla.nn, mpxla.parallel and mpxla.attention.
 """
 
 from __future__ import annotations
@@ -13,6 +19,31 @@ import contextlib
 
 import jax
 from jax.sharding import AxisType
+
+
+def varying_axes(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes over which `x` differs between devices (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)  # the field's name in older JAX
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+  return frozenset(vma)
+
+
+def match_varying(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays, each made device-varying over the union of their varying mesh axes.
+
+  Inside `shard_map`, a custom VJP's cotangent must vary like its input. A weight (the same
+  on every device) meeting a per-device activation gets a per-device gradient, so the weight
+  enters the custom VJP as varying; JAX then sums its gradient over the devices, as for any
+  replicated input. Outside `shard_map` this does nothing.
+  """
+  axes = frozenset().union(*(varying_axes(a) for a in arrays))
+  out = []
+  for a in arrays:
+    missing = tuple(sorted(axes - varying_axes(a)))
+    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+  return tuple(out)
 
 
 def explicit_sharding(x: jax.Array) -> bool:

@@ -1,4 +1,4 @@
-"""mpxla.quant.order.after: a scheduling hint that changes no bit."""
+"""mpxla.quant.tracing.after: a scheduling hint that changes no bit."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mpxla.nn import flow
-from mpxla.quant.order import after
+from mpxla.quant.tracing import after
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn, jnp.uint8])
