@@ -11,7 +11,8 @@
   transposed lists), built inside jit from index ranges.
 - `permute_kv` / `sparse_attention`: importance-ordered keys within segments and a
   threshold-selected BlockMask (PBS-Attn style).
-- `rotary_embedding`, `Attention` (Linen) and `NnxAttention` (NNX) layers.
+- `rotary_embedding`, `Attention` (Linen) and `NNXAttention` (NNX) layers (`NnxAttention`:
+  the same class under its older name).
 - `RESIDUAL_NAMES`: checkpoint names of the saved output and log-sum-exp, for
   `jax.checkpoint_policies.save_only_these_names` (the attention forward is then not recomputed).
 """
@@ -31,10 +32,14 @@ from mpxla.attention.masks import (
 from mpxla.attention.permute import Permuted, permute_kv, sparse_attention
 from mpxla.attention.xla import RESIDUAL_NAMES
 
+# NNX layers are spelled NNX... across mpxla (PEP 8 capitalizes acronyms, as Flax's ToNNX).
+NNXAttention = NnxAttention
+
 __all__ = [
     "Attention",
     "BlockMask",
     "Mask",
+    "NNXAttention",
     "NnxAttention",
     "Permuted",
     "RESIDUAL_NAMES",

@@ -84,8 +84,8 @@ def _attention_fwd(q, k, v, bm, cfg):
 
 def _attention_bwd(cfg, res, do):
   q, k, v, o, lse, bm = res
-  # Not recognizable by XLA as the forward's q, k, v, o (which it would otherwise merge with
-  # the backward's float32 copies and keep alive from one pass to the other, on CPU).
+  # Not recognizable by XLA as the forward's q, k, v, o, so their float32 copies are not
+  # merged with the forward's and kept alive from one pass to the other (docs/xla_cpu.md).
   q, k, v, o = (after(a, lse) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_cotangent(bm)

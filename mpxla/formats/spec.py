@@ -44,38 +44,15 @@ class Format:
     return self.storage_dtype != np.dtype(np.uint8)
 
 
-E4M3 = Format(
-    name="e4m3",
-    max=448.0,
-    min_normal=2.0**-6,
-    min_subnormal=2.0**-9,
-    mantissa_bits=3,
-    has_inf=False,
-    storage_dtype=np.dtype(jnp.float8_e4m3fn),
-    scale_target=448.0,
-)
-
-E5M2 = Format(
-    name="e5m2",
-    max=57344.0,
-    min_normal=2.0**-14,
-    min_subnormal=2.0**-16,
-    mantissa_bits=2,
-    has_inf=True,
-    storage_dtype=np.dtype(jnp.float8_e5m2),
-    scale_target=57344.0,
-)
-
-HIF8 = Format(
-    name="hif8",
-    max=32768.0,
-    min_normal=2.0**-15,
-    min_subnormal=2.0**-22,
-    mantissa_bits=3,
-    has_inf=True,
-    storage_dtype=np.dtype(np.uint8),
-    scale_target=15.0,
-)
+E4M3 = Format(name="e4m3", max=448.0, min_normal=2.0**-6, min_subnormal=2.0**-9,
+              mantissa_bits=3, has_inf=False, storage_dtype=np.dtype(jnp.float8_e4m3fn),
+              scale_target=448.0)
+E5M2 = Format(name="e5m2", max=57344.0, min_normal=2.0**-14, min_subnormal=2.0**-16,
+              mantissa_bits=2, has_inf=True, storage_dtype=np.dtype(jnp.float8_e5m2),
+              scale_target=57344.0)
+HIF8 = Format(name="hif8", max=32768.0, min_normal=2.0**-15, min_subnormal=2.0**-22,
+              mantissa_bits=3, has_inf=True, storage_dtype=np.dtype(np.uint8),
+              scale_target=15.0)
 
 FORMATS = {f.name: f for f in (E4M3, E5M2, HIF8)}
 _ALIASES = {

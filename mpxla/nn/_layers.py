@@ -1,9 +1,10 @@
 """What a matched layer computes, shared by the Linen (`wrap_linen`) and NNX (`wrap_nnx`) backends.
 
 * `describe_recipe`: the line `describe` reports for a layer.
-* `layer_dot_general` / `layer_einsum`: the FP8 drop-ins a linear layer gets (FP8 matmul, then
-  its output in FP8 under activation-saving recipes); `keep_dot_general` / `keep_einsum`: the
-  drop-ins of a layer kept in high precision under remat (its input is saved as it is).
+* `layer_dot_general` / `layer_einsum` (`fp8_op`): the FP8 drop-ins a linear layer gets (FP8
+  matmul, then its output in FP8 under activation-saving recipes); `keep_dot_general` /
+  `keep_einsum` (`keep_op`): the drop-ins of a layer kept in high precision under remat (its
+  input is saved as it is).
 * `last_axis_only`, `fp8_norm`: which norms get an FP8-saving replacement, and that replacement.
 * `checkpointed`: a call under the FP8-only remat policy, arrays and static values mixed.
 """
@@ -23,9 +24,10 @@ from mpxla.quant import tracing
 def describe_recipe(recipe: Recipe | None, kind: str) -> str:
   if recipe is None:
     return f"kept ({kind} in high precision)"
+  if kind == "norm" and recipe.activations:
+    return f"fp8-saved {kind} (1x{recipe.group} {recipe.activations})"
   if kind == "norm":
-    return (f"fp8-saved {kind} (1x{recipe.group} {recipe.activations})"
-            if recipe.activations else f"kept ({kind}: recipe {recipe.name!r} saves no activations)")
+    return f"kept ({kind}: recipe {recipe.name!r} saves no activations)"
   if recipe.linear is None:
     return f"kept ({kind}: recipe {recipe.name!r} has no FP8 matmul)"
   out = f", output 1x{recipe.group} {recipe.activations}" if recipe.activations else ""
@@ -73,6 +75,15 @@ def keep_einsum(subscripts, lhs, rhs, precision=None, preferred_element_type=Non
                 out_sharding=None):
   return jnp.einsum(subscripts, tracing.tag(lhs, tracing.KEEP), rhs, precision=precision,
                     preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+def fp8_op(recipe: Recipe, state, einsum: bool):
+  """`layer_einsum` or `layer_dot_general` of `recipe` with delayed-scaling `state` (or None)."""
+  return (layer_einsum if einsum else layer_dot_general)(recipe, state)
+
+
+def keep_op(einsum: bool):
+  return keep_einsum if einsum else keep_dot_general
 
 
 def last_axis_only(norm) -> bool:

@@ -101,8 +101,8 @@ def fp8_saved(
   spec = _Spec(fn, tuple(np.dtype(a.dtype) for a in acts))
   both = match_varying(*acts, *(jnp.asarray(p) for p in params))
   y = _saved_call(spec, both[:len(acts)], qs, both[len(acts):])
-  # The codes are computed now, in the forward pass (else XLA may compute them from the
-  # high-precision input in the backward pass, keeping that input alive in between).
+  # The codes are computed now, in the forward pass, not from the high-precision input kept
+  # alive until the backward pass (docs/xla_cpu.md).
   y = after(y, *(q.codes for q in qs))
   if linear_input is not None and linear_input.scaling == "tensor":
     flow.group_scaled_quantize(y, linear_input.fwd_fmt, group=group, margin=linear_input.margin,

@@ -191,11 +191,9 @@ def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes):
 def _codes_after(q, *deps):
   """q's codes, computed after `deps` (`tracing.after`), for the backward's FP8 dots.
 
-  Made to depend on the gradient's scale, the saved codes are not merged with the forward's
-  upcast of the same codes (XLA on CPU upcasts FP8 dot operands and would keep that float32
-  copy alive between the passes instead of the codes). dx waits for dw: otherwise XLA may
-  compute dw, which nothing else waits for, only at the end of the backward pass and keep
-  the codes of x and g alive until then, those of every layer of a stack at once.
+  The saved codes depend on the gradient's scale, so they are not merged with the forward's
+  float32 upcast of the same codes; and dx waits for dw, so dw is not left to the end of the
+  backward pass with the codes of every layer alive until then (docs/xla_cpu.md).
   """
   return after(q.codes, *deps)
 
@@ -439,17 +437,10 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
   return dn, tuple(names.index(c) for c in out)
 
 
-def fp8_einsum(
-    subscripts: str,
-    lhs: jax.Array,
-    rhs: jax.Array,
-    *,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    out_sharding: Any = None,
-    config: DotConfig = DotConfig(),
-    state: dict[str, jax.Array] | None = None,
-) -> jax.Array:
+def fp8_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, *, precision: Any = None,
+               preferred_element_type: Any = None, out_sharding: Any = None,
+               config: DotConfig = DotConfig(),
+               state: dict[str, jax.Array] | None = None) -> jax.Array:
   """Two-operand einsum as one `fp8_dot_general` (lhs: activation, rhs: weight)."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   dn, perm = einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)

@@ -27,16 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mpxla import quant
-from mpxla.nn._layers import (
-    checkpointed,
-    describe_recipe,
-    fp8_norm,
-    keep_dot_general,
-    keep_einsum,
-    last_axis_only,
-    layer_dot_general,
-    layer_einsum,
-)
+from mpxla.nn import _layers
 from mpxla.nn._plan import Plan, Session, session
 from mpxla.nn.delayed import COLLECTION, HISTORY_NAMES
 from mpxla.quant import tracing
@@ -75,34 +66,33 @@ def _delayed_state(m: nn.Module, recipe, sess: Session, path: str):
   return state
 
 
+def _linear_op(m, sess: Session, path: str, kind: str, remat: bool, einsum: bool):
+  """The dot_general (or einsum) a linear layer runs with; None: it runs as it is."""
+  recipe = sess.resolve(path)
+  sess.note(path, _layers.describe_recipe(recipe, kind))
+  if recipe is None or recipe.linear is None:
+    return _layers.keep_op(einsum) if remat else None
+  return _layers.fp8_op(recipe, _delayed_state(m, recipe, sess, path), einsum)
+
+
 def _dense(m, next_fun, args, kwargs, sess: Session, remat: bool):
   path = _path(m)
   kind = type(m).__name__
   if m.dot_general is not None or m.dot_general_cls is not None:
     sess.note(path, f"skipped ({kind} already has a custom dot_general)")
     return next_fun(*args, **kwargs)
-  recipe = sess.resolve(path)
-  sess.note(path, describe_recipe(recipe, kind))
-  if recipe is None or recipe.linear is None:
-    if not remat:
-      return next_fun(*args, **kwargs)
-    fn = keep_dot_general
-  else:
-    fn = layer_dot_general(recipe, _delayed_state(m, recipe, sess, path))
+  fn = _linear_op(m, sess, path, kind, remat, einsum=False)
+  if fn is None:
+    return next_fun(*args, **kwargs)
   with _fields(m, dot_general=fn):
     return next_fun(*args, **kwargs)
 
 
 def _einsum(m, next_fun, args, kwargs, sess: Session, remat: bool):
   path = _path(m)
-  recipe = sess.resolve(path)
-  sess.note(path, describe_recipe(recipe, "Einsum"))
-  if recipe is None or recipe.linear is None:
-    if not remat:
-      return next_fun(*args, **kwargs)
-    op = keep_einsum
-  else:
-    op = layer_einsum(recipe, _delayed_state(m, recipe, sess, path))
+  op = _linear_op(m, sess, path, "Einsum", remat, einsum=True)
+  if op is None:
+    return next_fun(*args, **kwargs)
   inputs = args[0] if args else kwargs["inputs"]
   einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
   einsum_str = nn.merge_param("einsum_str", m.einsum_str, einsum_str).replace(" ", "")
@@ -128,11 +118,11 @@ def _norm(m, next_fun, args, kwargs, sess: Session, remat: bool):
   x = args[0] if args else kwargs["x"]
   mask = args[1] if len(args) > 1 else kwargs.get("mask")
   recipe = sess.resolve(path)
-  if mask is not None or not last_axis_only(m):
+  if mask is not None or not _layers.last_axis_only(m):
     sess.note(path, f"kept ({kind} with a mask or over other axes than the last)")
     recipe = None
   else:
-    sess.note(path, describe_recipe(recipe, "norm"))
+    sess.note(path, _layers.describe_recipe(recipe, "norm"))
   if recipe is None or recipe.activations is None:
     if remat:  # its input is saved as it is instead of recomputed from far away
       if args:
@@ -145,7 +135,7 @@ def _norm(m, next_fun, args, kwargs, sess: Session, remat: bool):
   bias = None
   if kind == "layer_norm" and m.use_bias:
     bias = m.param("bias", m.bias_init, features, m.param_dtype)
-  return fp8_norm(kind, x, scale, bias, eps=m.epsilon, dtype=m.dtype, recipe=recipe)
+  return _layers.fp8_norm(kind, x, scale, bias, eps=m.epsilon, dtype=m.dtype, recipe=recipe)
 
 
 def _interceptor(sess: Session, remat: bool):
@@ -207,7 +197,7 @@ class QuantizedModule(nn.Module):
         return self.module.apply(variables, *args, **kwargs)
 
     if remat:
-      return checkpointed(jax.checkpoint, run, (), (variables, *args), kwargs)
+      return _layers.checkpointed(jax.checkpoint, run, (), (variables, *args), kwargs)
     return run(variables, *args, **kwargs)
 
   @nn.nowrap

@@ -19,16 +19,7 @@ import jax
 from flax import nnx
 
 from mpxla import quant
-from mpxla.nn._layers import (
-    checkpointed,
-    describe_recipe,
-    fp8_norm,
-    keep_dot_general,
-    keep_einsum,
-    last_axis_only,
-    layer_dot_general,
-    layer_einsum,
-)
+from mpxla.nn import _layers
 from mpxla.nn._plan import Plan, Session, current_session, session
 from mpxla.nn.delayed import HISTORY_NAMES, Fp8State
 from mpxla.nn.recipes import Recipe
@@ -55,8 +46,7 @@ class Fp8Dot(nnx.Module):
     return {k: getattr(self, name)[...] for k, name in HISTORY_NAMES.items()}
 
   def __call__(self, *args, **kwargs):
-    make = layer_einsum if self.einsum else layer_dot_general
-    return make(self.recipe, self._state())(*args, **kwargs)
+    return _layers.fp8_op(self.recipe, self._state(), self.einsum)(*args, **kwargs)
 
 
 def _remat_active() -> bool:
@@ -72,7 +62,8 @@ def _norm_call(module, base_call, x, mask, kind: str):
     return base_call(module, x, mask=mask)
   scale = module.scale[...] if module.use_scale else None
   bias = module.bias[...] if kind == "layer_norm" and module.use_bias else None
-  return fp8_norm(kind, x, scale, bias, eps=module.epsilon, dtype=module.dtype, recipe=recipe)
+  return _layers.fp8_norm(kind, x, scale, bias, eps=module.epsilon, dtype=module.dtype,
+                          recipe=recipe)
 
 
 class Fp8RMSNorm(nnx.RMSNorm):
@@ -104,7 +95,7 @@ def _root_class(cls: type) -> type:
         return cls.__call__(module, *a, **k)
 
     if plan.remat:
-      return checkpointed(nnx.remat, run, (self,), args, kwargs)
+      return _layers.checkpointed(nnx.remat, run, (self,), args, kwargs)
     return run(self, *args, **kwargs)
 
   return type(f"Quantized{cls.__name__}", (cls,),
@@ -132,9 +123,9 @@ def quantize_nnx(model: nnx.Module, plan: Plan) -> nnx.Module:
         sess.note(path, f"skipped ({kind} already has a custom dot_general)")
         continue
       recipe = sess.resolve(path)
-      sess.note(path, describe_recipe(recipe, kind))
+      sess.note(path, _layers.describe_recipe(recipe, kind))
       if recipe is None or recipe.linear is None:
-        op = (keep_einsum if einsum else keep_dot_general) if plan.remat else None
+        op = _layers.keep_op(einsum) if plan.remat else None
       else:
         op = Fp8Dot(recipe, path, einsum=einsum)
       if isinstance(op, nnx.Module):
@@ -147,11 +138,11 @@ def quantize_nnx(model: nnx.Module, plan: Plan) -> nnx.Module:
           node.dot_general_cls = None
     elif type(node) in _NORMS:
       recipe = sess.resolve(path)
-      if not last_axis_only(node):
+      if not _layers.last_axis_only(node):
         sess.note(path, "kept (norm over other axes than the last)")
         recipe = None
       else:
-        sess.note(path, describe_recipe(recipe, "norm"))
+        sess.note(path, _layers.describe_recipe(recipe, "norm"))
       node.mpxla_recipe = recipe
       node.__class__ = _NORMS[type(node)]
   sess.finish(name)

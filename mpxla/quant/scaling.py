@@ -50,7 +50,7 @@ def amax(
   g = as_granularity(granularity)
   # An amax sets a scale; it carries no gradient (and pmax has no differentiation rule).
   x = jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)
-  # NaN counts as inf: XLA:CPU's vectorized max may drop a NaN, never an inf.
+  # NaN counts as inf: XLA:CPU's vectorized max may drop a NaN, never an inf (docs/xla_cpu.md).
   if x.size == 0:  # the max of nothing: 0 (scale 1), on the scale grid
     a = jnp.zeros(scale_shape(x.shape, g), jnp.float32)
   else:
