@@ -37,6 +37,26 @@ def _neighbours(x, k, amax):
   return below, above
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_floor_code_and_code_value_against_ml_dtypes(fmt):
+  import ml_dtypes
+
+  from mpxla.optim import fp8bits
+
+  dtype = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
+  top = fp8bits.MAX_CODE[fmt]
+  values = np.arange(top + 1, dtype=np.uint8).view(dtype).astype(np.float64)  # Ascending.
+  assert float(values[-1]) == float(ml_dtypes.finfo(dtype).max)
+  np.testing.assert_array_equal(
+      np.asarray(fp8bits.code_value(jnp.arange(top + 1, dtype=jnp.uint32), fmt)), values)
+  rng = np.random.default_rng(0)
+  t = np.concatenate([values[1:], values[1:] * (1 + 1e-3), values[1:-1] * (1 - 1e-3),
+                      np.exp(rng.uniform(np.log(values[1]), np.log(values[-1]), 20000))])
+  t = t[(t >= values[1]) & (t <= values[-1])].astype(np.float32)
+  want = np.searchsorted(values, t.astype(np.float64), side="right") - 1  # Largest value <= t.
+  np.testing.assert_array_equal(np.asarray(fp8bits.floor_code(jnp.asarray(t), fmt)), want)
+
+
 def test_stochastic_codes_bracket_and_are_unbiased():
   rng = np.random.default_rng(0)
   x = rng.lognormal(0.0, rng.uniform(0.2, 2.0, (16, 1)), (16, 128)) * rng.choice([-1, 1], (16, 128))
