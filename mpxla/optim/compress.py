@@ -436,10 +436,10 @@ def compress(
     The state with `CompressedArray` nodes in place of the compressed leaves.
   """
   base = make_config(config, **settings)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_compressed)
+  leaves, treedef = jax.tree.flatten(state, is_leaf=is_compressed)
   plan = treedef.flatten_up_to(_plan(state, base, overrides))
   out = []
-  for (path, x), cfg in zip(flat, plan, strict=True):
+  for x, cfg in zip(leaves, plan, strict=True):
     if not is_compressed(x) and cfg is not None:
       # The barrier stops XLA from constant-folding the codec when state is a
       # compile-time constant (e.g. the zeros of inner.init under jit), which is very slow.

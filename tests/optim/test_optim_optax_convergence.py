@@ -11,9 +11,8 @@ calls). The full generated suite, float32 and complex64 and its other tests, is
 """
 
 import jax
-import pytest
-
 import optax_alias_suite
+import pytest
 
 _SUITE = optax_alias_suite.load("default")
 _STEPS = 10_000  # Optax's `for it in range(10000)`.
@@ -37,13 +36,9 @@ def _run(opt, objective, params, with_value):
     value, grads = jax.value_and_grad(objective)(params)
     extra = {"value": value} if with_value else {}
     updates, state = opt.update(grads, state, params, **extra)
-    return optax_apply(params, updates), state
+    return _SUITE.update.apply_updates(params, updates), state
 
   return jax.lax.fori_loop(0, _STEPS, body, (params, opt.init(params)))[0]
-
-
-def optax_apply(params, updates):
-  return _SUITE.update.apply_updates(params, updates)
 
 
 _CASES = [
@@ -60,10 +55,7 @@ def test_wrapped_optimizer_converges_like_optax_requires(opt_name, opt_kwargs):
   factory = getattr(_SUITE.alias, opt_name)
   opt = factory(**opt_kwargs)
   assert "compress_states" in opt.init.__qualname__  # Wrapped by the generated suite's alias.
-  runs = {}
-  for t in targets:
-    params, final, objective = _TARGETS[t](jax.numpy.float32)
-    runs[t] = (params, final, objective)
+  runs = {t: _TARGETS[t](jax.numpy.float32) for t in targets}  # (params, minimizer, objective)
 
   @jax.jit
   def all_targets():

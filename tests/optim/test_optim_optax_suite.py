@@ -6,9 +6,8 @@ optax_alias_suite.py for the generation and its other modes; the default tier ru
 convergence cases in test_optim_optax_convergence.py. Slow tier: about 12 minutes on 2 cores.
 """
 
-import pytest
-
 import optax_alias_suite
+import pytest
 
 pytestmark = pytest.mark.slow
 
