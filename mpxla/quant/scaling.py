@@ -3,7 +3,7 @@
 A scale s maps the block's amax onto the format's `scale_target` (its max for
 E4M3/E5M2; 15 for HiF8, see `mpxla.formats.Format`), with 2^margin headroom:
 
-    s = amax * 2^margin / fmt.scale_target,     codes = cast(x / s),     x ~= codes * s
+    s = amax * 2^margin / fmt.scale_target,     codes = cast(x * (1/s)),     x ~= codes * s
 
 Edge cases (documented results, never a silent NaN or a zero/inf scale):
   * amax == 0 (an all-zero block): s = 1, so codes and the dequantized block are 0.

@@ -2,7 +2,7 @@
 
 Random shapes (axes of size 0 and 1 included), granularities, formats and margins; the
 reference computes the block amax, the scale (s = amax * 2^margin / target; 1 for amax 0;
-at least the smallest normal float32) and the saturating cast in numpy with ml_dtypes /
+at least the smallest normal float32), x * (1/s) and the saturating cast in numpy with ml_dtypes /
 en_dtypes. Out-of-range arguments raise a ValueError / TypeError naming the argument.
 """
 
@@ -38,7 +38,8 @@ def np_quantize(x, fmt, group, margin):
   amax = np.abs(blocks).max(axis=-1, keepdims=True, initial=0.0)
   s = amax * np.float32(2.0**margin / spec.scale_target)
   s = np.where(amax > 0, np.maximum(s, TINY), 1.0).astype(np.float32)
-  q = np.clip(blocks / s, -spec.max, spec.max).astype(REF[fmt]).astype(np.float32) * s
+  q = np.clip(blocks * (np.float32(1) / s), -spec.max, spec.max)  # x * (1/s), as quantize
+  q = q.astype(REF[fmt]).astype(np.float32) * s
   if group is None:
     return q.reshape(x.shape)
   return q.reshape(*x.shape[:-1], n * group)[..., : x.shape[-1]]
