@@ -19,7 +19,7 @@
 
 from mpxla.attention.api import attention
 from mpxla.attention.block_mask import BlockMask, make_block_mask
-from mpxla.attention.layers import Attention, NnxAttention, rotary_embedding
+from mpxla.attention.layers import Attention, NNXAttention, NnxAttention, rotary_embedding
 from mpxla.attention.masks import (
     Mask,
     causal,
@@ -33,7 +33,6 @@ from mpxla.attention.permute import Permuted, permute_kv, sparse_attention
 from mpxla.attention.xla import RESIDUAL_NAMES
 
 # NNX layers are spelled NNX... across mpxla (PEP 8 capitalizes acronyms, as Flax's ToNNX).
-NNXAttention = NnxAttention
 
 __all__ = [
     "Attention",

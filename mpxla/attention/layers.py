@@ -3,7 +3,7 @@ grouped-query heads and a mask argument, on top of `mpxla.attention.attention`.
 
     layer = Attention(num_heads=8, num_kv_heads=2, head_dim=64)          # Linen
     y = layer.apply(params, x, segment_ids=ids, positions=pos)           # x [B, T, E]
-    layer = NnxAttention(512, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
+    layer = NNXAttention(512, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
     y = layer(x, segment_ids=ids)
 
 Both use the same parameters (kernels q [E, H*Dh], k/v [E, Hk*Dh], o [H*Dh, E]) and the same
@@ -137,7 +137,7 @@ class Attention(nn.Module):
     return dense(e, "o")(y.reshape(b, t, self.num_heads * dh))
 
 
-class NnxAttention(nnx.Module):
+class NNXAttention(nnx.Module):
   """NNX attention layer with the same parameters and call signature as `Attention`."""
 
   def __init__(self, features: int, num_heads: int, num_kv_heads: int | None = None,
@@ -175,3 +175,6 @@ class NnxAttention(nnx.Module):
                impl=self.impl, block_q=self.block_q, block_kv=self.block_kv,
                softcap=self.softcap, interpret=self.interpret)
     return self.o(y.reshape(b, t, h * dh))
+
+
+NnxAttention = NNXAttention  # the earlier spelling
