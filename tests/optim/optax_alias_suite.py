@@ -47,6 +47,7 @@ _IMPORT = "from optax._src import alias\n"
 # Tests that cannot hold when every floating state leaf is lossy (mode 'all'), with the
 # reason; each passes with the default classification (mode 'default'), which keeps the
 # leaves named here in float. Keys: 'Class.test_method' (every parameterization).
+# Found by running mode 'all': these are its only failures.
 NOT_APPLICABLE = {
     "LBFGSTest.test_against_plain_implementation": (
         "compares L-BFGS to a float32 re-implementation at 1e-5; the stored params, updates "
@@ -54,6 +55,15 @@ NOT_APPLICABLE = {
     "LBFGSTest.test_against_scipy": (
         "minimizer within 1e-5 of scipy's BFGS: FP8 curvature memories and line-search "
         "values cannot resolve 1e-5"),
+    "LBFGSTest.test_handling_pytrees": (
+        "the same L-BFGS run on a (2, 4) array and on a tuple of its rows must agree to 5e-5; "
+        "FP8 iterates and memories round differently in the two layouts (~5e-2 apart)"),
+    "LBFGSTest.test_binary_logreg": (
+        "L-BFGS to a gradient norm of 1e-6 and sklearn's solution within 5e-2: with FP8 "
+        "iterates (params, updates) the line search stops far from the minimizer"),
+    "LBFGSTest.test_multiclass_logreg": (
+        "L-BFGS must reach a gradient norm <= 1e-2: with FP8 iterates and memories it stalls "
+        "above it (one of its two settings)"),
 }
 
 
@@ -162,7 +172,9 @@ def _main() -> int:
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(env_path)},
                          capture_output=True, text=True, check=False)
-  print(out.stdout[-20000:], out.stderr[-5000:], sep="\n")
+  summary_at = out.stdout.find("short test summary info")
+  print(out.stdout[max(0, summary_at - 80) if summary_at >= 0 else -20000:], out.stderr[-5000:],
+        sep="\n")
   summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
   not_applicable = sum(int(n) for n in re.findall(r"SKIPPED \[(\d+)\].*not applicable",
                                                   out.stdout))
