@@ -176,8 +176,9 @@ def _main() -> int:
   print(out.stdout[max(0, summary_at - 80) if summary_at >= 0 else -20000:], out.stderr[-5000:],
         sep="\n")
   summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-  not_applicable = sum(int(n) for n in re.findall(r"SKIPPED \[(\d+)\].*not applicable",
-                                                  out.stdout))
+  # pytest may label these lines SUBSKIPPED[<a previous subtest>] (a subtests quirk).
+  not_applicable = sum(int(n) for n in re.findall(
+      r"SKIPPED(?:\[[^\]]*\])? \[(\d+)\].*not applicable", out.stdout))
   print(f"optax {optax.__version__}, mode {args.mode!r}: {summary}; of the skips, "
         f"{not_applicable} not applicable")
   return out.returncode
