@@ -44,6 +44,10 @@ instead of storing it). Policies (the fixes to COAT's reference code):
 - a group holding NaN or +-inf stores amax = NaN, so the whole group decodes to
   NaN: a non-finite state is visible, never silently clipped.
 
+`encode(x, bits=...)` rounds stochastically instead (E4M3 / E5M2): unbiased in
+x's own domain, between the two codes whose decoded values bracket |x| (see
+`encode`); the caller supplies the random bits.
+
 Without expansion (`expansion=False`) the codec is plain per-group absmax
 scaling: t = |x| * (M / amax), x' = |q| * (amax / M), with the same zero,
 maximum, nonzero and non-finite policies (k16 is not stored).
