@@ -14,6 +14,10 @@ import jax
 import optax_alias_suite
 import pytest
 
+# Optax's alias_test.py imports both (the `data` extra installs scikit-learn).
+pytest.importorskip("scipy")
+pytest.importorskip("sklearn")
+
 _SUITE = optax_alias_suite.load("default")
 _STEPS = 10_000  # Optax's `for it in range(10000)`.
 _TOL = 3e-2  # Optax's rtol = atol.

@@ -9,6 +9,10 @@ convergence cases in test_optim_optax_convergence.py. Slow tier: about 12 minute
 import optax_alias_suite
 import pytest
 
+# Optax's alias_test.py imports both (the `data` extra installs scikit-learn).
+pytest.importorskip("scipy")
+pytest.importorskip("sklearn")
+
 pytestmark = pytest.mark.slow
 
 _SUITE = optax_alias_suite.load("default")
