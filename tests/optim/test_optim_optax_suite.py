@@ -3,7 +3,7 @@
 Every optimizer built through `alias` is `compress_states(opt, min_size=1)` (default leaf
 classification and rounding); tests, problems and tolerances are Optax's. See
 optax_alias_suite.py for the generation and its other modes; the default tier runs the
-convergence cases in test_optim_optax_convergence.py. Slow tier: about 12 minutes on 2 cores.
+convergence cases in test_optim_optax_convergence.py. Slow tier: about 7 minutes on 2 cores.
 """
 
 import optax_alias_suite
