@@ -546,7 +546,10 @@ def _recompress_like(template: Any, new_state: Any) -> Any:
       if tuple(n.shape) != o.shape:
         raise ValueError(
             f"compress_states: state leaf {_where(path)} changed shape from {o.shape} to "
-            f"{tuple(n.shape)} in the inner update."
+            f"{tuple(n.shape)} in the inner update. If this runs inside shard_map: compressed "
+            "states record their global shape, so a shard_map body (which sees local shards) "
+            "cannot update them; run the optimizer update under jax.jit on sharded arrays "
+            "instead (docs/parallel.md, 'Meshes and contexts')."
         )
       step = None if o.step is None else o.step + 1
       n = encode_leaf(n.astype(o.dtype), o.config, step=step, salt=_path_salt(path))
