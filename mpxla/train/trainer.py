@@ -323,7 +323,7 @@ class Trainer:
     if not flags.all():
       leaf = checkpoint.floating_paths(self.abstract_state())[int(np.argmin(flags))]
       raise NonFiniteState(f"after step {step} the train state's leaf {leaf} is not finite "
-                           f"(the loss, {loss:.4g}, is: a bad update); stopping. {last}")
+                           f"(the loss, {loss:.4g}, still is); stopping. {last}")
 
   def _summary(self, history, wall, start, last_step) -> dict[str, Any]:
     records = monitor.read_metrics(self.workdir) if self.is_main else history
