@@ -5,8 +5,12 @@
 | `bf16`       | BF16 compute, float32 master weights    | AdamW, float32 moments      |
 | `fp8_linear` | `mpxla.nn.quantize(model, 'fp8_linear')`| AdamW, float32 moments      |
 | `fp8_delayed`| `mpxla.nn.quantize(model, 'fp8_delayed')`| AdamW, float32 moments     |
+| `fp8_block`  | `mpxla.nn.quantize(model, 'fp8_block')` | AdamW, float32 moments      |
 | `coat`       | `mpxla.nn.quantize(model, 'coat')`      | `adamw_fp8` (E4M3 + expansion) |
 | `hif8`       | `mpxla.nn.quantize(model, 'hif8')`      | `adamw_fp8` (E4M3 + expansion) |
+
+The recipe names are `mpxla.nn.RECIPES` (one registry); `FP8_STATE_RECIPES` says which of
+them also keep the optimizer's moments in FP8.
 
 Embeddings and the output head stay in high precision (`HIGH_PRECISION_PATHS`).
 `fp8_delayed` keeps amax histories in the model's 'fp8_state' collection; the trainer
@@ -18,7 +22,10 @@ from __future__ import annotations
 import jax
 import optax
 
-RECIPES = ("bf16", "fp8_linear", "fp8_delayed", "coat", "hif8")
+from mpxla.nn.recipes import RECIPES as MODEL_RECIPES
+
+RECIPES = tuple(MODEL_RECIPES)
+FP8_STATE_RECIPES = ("coat", "hif8")  # recipes whose optimizer moments are FP8 (adamw_fp8)
 # Module paths kept in high precision by the FP8 recipes (COAT keeps them too).
 HIGH_PRECISION_PATHS = ("embed", "lm_head", "head")
 
@@ -39,7 +46,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   recipe, o = config.recipe, config.optim
   _check(recipe)
   kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
-  if recipe in ("coat", "hif8"):
+  if recipe in FP8_STATE_RECIPES:
     from mpxla.optim import adamw_fp8
 
     adam = adamw_fp8(schedule(o), **kwargs)
