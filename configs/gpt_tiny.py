@@ -1,7 +1,7 @@
 """The default: a tiny Llama-style GPT on the embedded standard-library corpus (bytes).
 
 Command:  .venv/bin/python -m mpxla.train --config=configs/gpt_tiny.py --workdir=workdirs/gpt_tiny
-          (or `bash launch/local.sh`; variants: configs/gpt_tiny.py:coat, :fp8_linear, :fp8_delayed, :hif8)
+          (or `bash launch/local.sh`; variants: configs/gpt_tiny.py:coat, :fp8_linear, :fp8_delayed, :fp8_block, :hif8)
 Hardware: 2 CPU cores, about 2 minutes (85 s of training, ~8000 tokens/s).
 Expected (recipe bf16, seed 0): validation loss 2.15 nats/byte after 300 steps (train 1.96);
 see docs/train.md.
