@@ -54,6 +54,16 @@ def all_verify(workdir: pathlib.Path, tiny_config) -> list[int]:
   return sorted(good)
 
 
+def catches_sigterm(pid: int) -> bool:
+  """Whether process `pid` has a SIGTERM handler installed (Linux: SigCgt in /proc)."""
+  try:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  except OSError:
+    return False
+  mask = next(int(ln.split()[1], 16) for ln in status.splitlines() if ln.startswith("SigCgt:"))
+  return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
 def _unshare_works() -> bool:
   try:
     r = subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30)
@@ -71,8 +81,10 @@ def test_sigterm_during_start_up_exits_cleanly(data_cache, tmp_path):
   proc = subprocess.Popen([*TRAIN, f"--workdir={workdir}", "--config.total_steps=50"],
                           env=env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-  time.sleep(1.0)  # importing JAX, building or compiling: before the first step
-  proc.send_signal(signal.SIGTERM)
+  deadline = time.time() + 60
+  while time.time() < deadline and not catches_sigterm(proc.pid):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)  # as soon as it is caught: while JAX is still being imported
   out, err = proc.communicate(timeout=180)
   assert proc.returncode == 0, err[-2000:]
   assert "SIGTERM before the first step: nothing saved (no checkpoint exists)" in out
