@@ -20,7 +20,7 @@ from mesh_matrix import cells
 from mpxla import attention, quant
 from mpxla.nn import fp8_dot
 from mpxla.nn.batch_norm import BatchNorm, NNXBatchNorm
-from mpxla.nn.moe import MoE
+from mpxla.nn.moe import MoE, NNXMoE
 from mpxla.parallel import moe as pmoe
 from mpxla.parallel import stats
 
@@ -133,7 +133,8 @@ def moe_layer():
 
 @pytest.mark.parametrize("cell", cells())
 def test_load_balancing_loss_and_moe(cell):
-  """LBL in every scope (and the count buffer) and the Linen MoE layer's output and loss.
+  """LBL in every scope (and the count buffer) and the Linen and NNX MoE layers' outputs and
+  losses (the NNX layer holds the Linen layer's parameters).
 
   Issue 13: scope='micro_batch' failed on Explicit meshes with a reshape ShardingTypeError
   (cells '*-explicit-*-jit').
@@ -142,19 +143,27 @@ def test_load_balancing_loss_and_moe(cell):
   probs, idx, mask = moe_inputs()
   h, variables, y1, aux1 = moe_layer()
   moe = MoE(num_experts=4, d_ff=8, top_k=2, axis_name=ax)
+  nnx_moe = NNXMoE(8, 4, 8, 2, axis_name=ax, rngs=nnx.Rngs(0))
+  nnx_moe.router.kernel[...] = variables["params"]["router"]["kernel"]
+  for name in ("gate", "up", "down"):
+    getattr(nnx_moe, name)[...] = variables["params"][name]
+  nnx_graph, nnx_state = nnx.split(nnx_moe)
 
-  def f(probs, idx, mask, h):
+  def f(probs, idx, mask, h, nnx_state):
     lbl = lambda scope, **kw: pmoe.load_balancing_loss(  # noqa: E731
         probs, idx, 4, scope, axis_name=ax, mask=mask, **kw)
     y, inter = moe.apply(variables, h, mutable=["intermediates"])
     buf = pmoe.init_count_buffer(4)
     _, buf = pmoe.load_balancing_loss_with_buffer(probs, idx, 4, buf, axis_name=ax)
     buffered, _ = pmoe.load_balancing_loss_with_buffer(probs, idx, 4, buf, axis_name=ax)
+    y_nnx, captured = nnx.capture(nnx.merge(nnx_graph, nnx_state), nnx.Intermediate)(h)
     return dict(glob=lbl("global"), micro=lbl("micro_batch"), seq=lbl("sequence"),
-                buffered=buffered, y=y, aux=inter["intermediates"]["aux_loss"][0])
+                buffered=buffered, y=y, aux=inter["intermediates"]["aux_loss"][0],
+                y_nnx=y_nnx, aux_nnx=captured["aux_loss"][0])
 
-  out_specs = dict(glob=P(), micro=P(), seq=P(), buffered=P(), y=P(ax), aux=P())
-  out = cell.run(f, (probs, idx, mask, h), (P(ax),) * 4, out_specs)
+  out_specs = dict(glob=P(), micro=P(), seq=P(), buffered=P(), y=P(ax), aux=P(), y_nnx=P(ax),
+                   aux_nnx=P())
+  out = cell.run(f, (probs, idx, mask, h, nnx_state), (P(ax),) * 4 + (P(),), out_specs)
 
   micro = [np_lbl(probs[i:i + 2], idx[i:i + 2], mask[i:i + 2]) for i in range(0, 16, 2)]
   seq = [np_lbl(probs[i:i + 1], idx[i:i + 1], mask[i:i + 1]) for i in range(16)]
@@ -164,6 +173,8 @@ def test_load_balancing_loss_and_moe(cell):
   close(out["buffered"], np_lbl(probs, idx, np.ones_like(mask)))  # buffer = 2x the counts
   close(out["y"], y1)
   close(out["aux"], aux1)
+  close(out["y_nnx"], y1)
+  close(out["aux_nnx"], aux1)
 
 
 def x_with_outlier(shape=(32, 256)):
