@@ -1,14 +1,18 @@
 """The trainer: one loop for every config and recipe.
 
+    lock the workdir; check the config; restore the latest good checkpoint (or init)
     state = {'step', 'params', 'opt_state', 'model_state'}   (sharded over the mesh)
     for step in range(start, total_steps):
       batch = next(data)            # deterministic in (seed, step), this process's rows
-      state, metrics = train_step(state, batch)
-      log / evaluate / checkpoint / stop on SIGTERM or a non-finite loss
+      state, metrics = train_step(state, batch)   # metrics say which state leaves are finite
+      stop on a non-finite loss or state (before logging or saving that step)
+      log / evaluate / checkpoint / save and stop on SIGTERM
 
 Resume is exact: the data iterator's state is its step, the model has no dropout, and
-stochastic rounding keys are derived from (seed, step), so N steps in one go and N/2 +
-resume + N/2 give the same bits.
+stochastic rounding bits are derived from (seed, step) and, for FP8 moments, from each leaf's
+own step counter, so N steps in one go and N/2 + resume + N/2 give the same bits. What happens
+on every fault (damaged checkpoints, signals, full disks, a second trainer) is in
+docs/train.md, "Faults".
 """
 
 from __future__ import annotations
