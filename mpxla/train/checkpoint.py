@@ -193,14 +193,14 @@ class Checkpointer:
         config=ocp.args.JsonSave(config_dict),
         fingerprint=ocp.args.JsonSave(fingerprint(state))), force=force)
 
-  def _has(self, step: int, item: str) -> bool:
-    return (self.directory / str(step) / item).is_dir()
-
-  def saved_config(self, step: int) -> dict | None:
-    """The config stored in checkpoint `step` (None for checkpoints made before it was)."""
-    if not self._has(step, "config"):
-      return None
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  def _json_items(self, step: int) -> dict[str, Any]:
+    """The small JSON items `config` and `fingerprint` of checkpoint `step`, where present
+    (checkpoints made before they existed lack them)."""
+    names = [n for n in ("config", "fingerprint") if (self.directory / str(step) / n).is_dir()]
+    if not names:
+      return {}
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        **{n: ocp.args.JsonRestore() for n in names})))
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """(state, data state) of checkpoint `step`, unverified."""
@@ -221,15 +221,13 @@ class Checkpointer:
     moved = []
     while (step := self.latest_step()) is not None:
       try:
-        check_config(self.saved_config(step), step)
-        saved = None
-        if self._has(step, "fingerprint"):
-          saved = self.manager.restore(step, args=ocp.args.Composite(
-              fingerprint=ocp.args.JsonRestore()))["fingerprint"]
-          if diff := compare_shapes(saved, abstract_state):
-            raise IncompatibleWorkdir(
-                f"checkpoint {step} in {self.directory} holds other shapes than this config's "
-                "state:\n  " + "\n  ".join(diff[:10]))
+        items = self._json_items(step)
+        check_config(items.get("config"), step)
+        saved = items.get("fingerprint")
+        if saved is not None and (diff := compare_shapes(saved, abstract_state)):
+          raise IncompatibleWorkdir(
+              f"checkpoint {step} in {self.directory} holds other shapes than this config's "
+              "state:\n  " + "\n  ".join(diff[:10]))
         state, data_state = self.restore(step, abstract_state)
         problem = verify(state, saved) if saved is not None else first_non_finite(state)
         if saved is None:
