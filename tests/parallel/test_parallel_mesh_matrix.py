@@ -31,7 +31,10 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def close(got, want, **tol):
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **(tol or TOL)), got, want)
+  """Every leaf of `got` equals `want`'s within the tolerance; the structures must agree."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, **(tol or TOL))
 
 
 def np_bn(x, group, mask=None):
@@ -269,5 +272,7 @@ def test_attention(cell):
   """attention() with causal & document & sliding-window masks: output, dq, dk."""
   args, want = inputs_and_reference("attention")
   ax = cell.axes
-  out = cell.run(attention_fn, args, (P(ax),) * 4, (P(ax),) * 3)
-  close(out, want)
+  out, dq, dk = cell.run(attention_fn, args, (P(ax),) * 4, (P(ax),) * 3)
+  for name, got, ref in zip(("out", "dq", "dk"), (out, dq, dk), want, strict=True):
+    assert got.shape == ref.shape, name
+    np.testing.assert_allclose(got, ref, **TOL, err_msg=name)
