@@ -60,6 +60,10 @@ def filesystem_error(e: BaseException, workdir: str | None) -> str | None:
   return f"cannot write {path}: {_FS_ERRNOS[code]}. Nothing already saved was removed."
 
 
+def _drop_orbax_errors(record: logging.LogRecord) -> bool:
+  return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
 def _quiet_closed_loops(unraisable) -> None:
   """Drops 'Event loop is closed' from TensorStore callbacks that finish after Orbax closed
   their event loop (after a failed read or write, which is reported on its own)."""
@@ -102,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, config) -> int:
-  # Orbax logs failures of its background save threads with a traceback; each of them also
-  # reaches the trainer as an exception, which is reported below in one line.
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  # Orbax logs failures of its background save threads (and of reads) as errors with a
+  # traceback; each of them also reaches the trainer as an exception, reported in one line.
+  logging.getLogger("absl").addFilter(_drop_orbax_errors)
   sys.unraisablehook = _quiet_closed_loops
   import jax
 
