@@ -230,7 +230,7 @@ def capture_qkv(model, variables, tokens_BxT, theta: float):
   import jax.numpy as jnp
   import optax
 
-  from mpxla.models.gpt import rotary
+  from mpxla.attention import rotary_embedding
 
   names = ("query", "key", "value")
 
@@ -252,8 +252,8 @@ def capture_qkv(model, variables, tokens_BxT, theta: float):
     except KeyError as e:
       raise ValueError(f"could not capture {names} in layer {i}: the model's attention "
                        f"submodules are not named query/key/value") from e
-    layers.append((np.asarray(rotary(q, pos, theta), np.float32),
-                   np.asarray(rotary(k, pos, theta), np.float32), np.asarray(v, np.float32)))
+    layers.append((np.asarray(rotary_embedding(q, pos, theta=theta), np.float32),
+                   np.asarray(rotary_embedding(k, pos, theta=theta), np.float32), np.asarray(v, np.float32)))
   return layers, np.asarray(nll)
 
 

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpxla.attention.layers import attend
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -45,27 +47,10 @@ class GPTConfig:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.")
 
 
-def rotary(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention), computed in float32."""
-  half = x_BxTxHxE.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xE2 = positions_BxT[:, :, None, None].astype(jnp.float32) * freq
-  sin, cos = jnp.sin(angle_BxTx1xE2), jnp.cos(angle_BxTx1xE2)
-  x1, x2 = jnp.split(x_BxTxHxE.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxHxE.dtype)
-
-
-def dense_attention(q, k, v, segment_ids_BxT):
-  """Causal + document attention through jax.nn.dot_product_attention (dense mask)."""
-  T = q.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-  same_doc_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  mask_Bx1xTxT = (causal_TxT & same_doc_BxTxT)[:, None]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT)
-
-
 class Attention(nn.Module):
+  """Grouped-query attention with per-head projections ([D, H, E] kernels, [H, E, D] out)
+  around `mpxla.attention.layers.attend` (rotary embeddings, causal & document mask)."""
+
   config: GPTConfig
 
   @nn.compact
@@ -74,20 +59,13 @@ class Attention(nn.Module):
     E = c.d_model // c.n_heads
     dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
         (heads, E), use_bias=False, dtype=c.dtype, name=name)
-    q_BxTxHxE = rotary(dense(c.n_heads, "query")(x_BxTxD), positions_BxT, c.rope_theta)
-    k_BxTxKxE = rotary(dense(c.n_kv_heads, "key")(x_BxTxD), positions_BxT, c.rope_theta)
-    v_BxTxKxE = dense(c.n_kv_heads, "value")(x_BxTxD)
-    if c.attention_impl == "dense_jax":
-      rep = c.n_heads // c.n_kv_heads
-      out_BxTxHxE = dense_attention(q_BxTxHxE, jnp.repeat(k_BxTxKxE, rep, axis=2),
-                                    jnp.repeat(v_BxTxKxE, rep, axis=2), segment_ids_BxT)
-    else:
-      from mpxla import attention as mpxla_attention
-
-      mask = mpxla_attention.causal() & mpxla_attention.document(segment_ids_BxT)
-      out_BxTxHxE = mpxla_attention.attention(
-          q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask, impl=c.attention_impl,
-          block_q=c.attention_block, block_kv=c.attention_block)
+    # 'dense_jax': the dense reference (every score computed; small models and tests).
+    impl = "reference" if c.attention_impl == "dense_jax" else c.attention_impl
+    out_BxTxHxE = attend(
+        dense(c.n_heads, "query")(x_BxTxD), dense(c.n_kv_heads, "key")(x_BxTxD),
+        dense(c.n_kv_heads, "value")(x_BxTxD), positions=positions_BxT, mask=None,
+        segment_ids=segment_ids_BxT, rope_theta=c.rope_theta, causal=True, impl=impl,
+        block_q=c.attention_block, block_kv=c.attention_block, softcap=None, interpret=False)
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
                            name="out")(out_BxTxHxE)
 

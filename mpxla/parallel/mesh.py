@@ -159,13 +159,28 @@ def _leaf_names(leaf) -> tuple[Any, tuple[str | None, ...] | None]:
   return leaf, None
 
 
-def state_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def fsdp_spec(shape: Sequence[int], fsdp: int) -> P:
+  """The rule for leaves without logical names: the largest dimension divisible by `fsdp`
+  (the first of equal ones) over 'fsdp'; leaves under 1024 elements, or with no divisible
+  dimension, replicated."""
+  if fsdp == 1 or not shape or math.prod(shape) < 1024:
+    return P()
+  for i in sorted(range(len(shape)), key=lambda i: (-shape[i], i)):
+    if shape[i] % fsdp == 0:
+      return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
+  return P()
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES, *,
+                    shard_unannotated: bool = False) -> Any:
   """NamedShardings for a (abstract) train state, matching its structure.
 
   Leaves annotated with logical names (Linen `nn.with_logical_partitioning` boxes, NNX
   variables with `out_sharding` metadata) are sharded by `rules`; Linen `nn.Partitioned`
   boxes keep their mesh axes; everything else (step counters, unannotated leaves) is
-  replicated. Optimizer states built from boxed parameters inherit their boxes. A Linen
+  replicated, or with `shard_unannotated=True` sharded by `fsdp_spec` over the mesh's
+  'fsdp' axis (the trainer's choice: stock Flax layers carry no logical names).
+  Optimizer states built from boxed parameters inherit their boxes. A Linen
   box is replaced by its NamedSharding (a pytree prefix of the box), an NNX variable keeps
   its wrapper around it. Use with `jax.eval_shape(init_fn, ...)` and pass the result as
   jit's `out_shardings`.
@@ -178,8 +193,10 @@ def state_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     value, names = _leaf_names(leaf)
     if isinstance(leaf, nn.Partitioned) and not isinstance(leaf, nn.LogicallyPartitioned):
       spec = leaf.get_partition_spec()
-    elif names is None or not hasattr(value, "shape"):
+    elif not hasattr(value, "shape"):
       spec = P()
+    elif names is None:
+      spec = fsdp_spec(value.shape, mesh.shape.get("fsdp", 1)) if shard_unannotated else P()
     else:
       spec = logical_to_spec(names, rules, value.shape, mesh)
     s = NamedSharding(mesh, spec)

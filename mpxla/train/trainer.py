@@ -51,17 +51,6 @@ class NonFiniteState(RuntimeError):
   """A parameter, optimizer state or model state leaf became NaN or inf."""
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  """Shard the largest axis divisible by the fsdp size (replicate small or indivisible leaves)."""
-  if fsdp == 1 or not shape or math.prod(shape) < 1024:
-    return P()
-  axes = sorted(range(len(shape)), key=lambda i: (-shape[i], i))
-  for i in axes:
-    if shape[i] % fsdp == 0:
-      return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
-  return P()
-
-
 class Trainer:
   """Builds everything a run needs from its config; `run()` trains, `aot()` only compiles."""
 
@@ -93,9 +82,7 @@ class Trainer:
 
   @functools.cached_property
   def state_shardings(self):
-    abstract = self._abstract_init()
-    fsdp = self.mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, fsdp)), abstract)
+    return parallel.state_shardings(self._abstract_init(), self.mesh, shard_unannotated=True)
 
   def init_state(self):
     key = jax.random.key(self.config.seed)

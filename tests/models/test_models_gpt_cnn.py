@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mpxla.models import CNN, GPT, CNNConfig, GPTConfig
-from mpxla.models.gpt import document_positions, rotary
+from mpxla.attention import rotary_embedding
+from mpxla.models.gpt import document_positions
 
 
 def test_document_positions_restart_per_segment():
@@ -25,7 +26,7 @@ def test_rotary_matches_complex_rotation():
   freq = 10_000.0 ** (-np.arange(half) / half)
   z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * pos[:, :, None, None] * freq)
   want = np.concatenate([z.real, z.imag], axis=-1)
-  got = np.asarray(rotary(jnp.asarray(x), jnp.asarray(pos), 10_000.0))
+  got = np.asarray(rotary_embedding(jnp.asarray(x), jnp.asarray(pos), theta=10_000.0))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
