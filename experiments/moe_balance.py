@@ -1,10 +1,10 @@
-"""Issue 8, section 4: global-batch vs micro-batch load balancing of a small MoE GPT.
+"""Global-batch vs micro-batch load balancing of a small MoE GPT (configs/experiments/moe_balance.py).
 
-    .venv/bin/python experiments/moe_balance.py [--out DIR] [--steps 400] [--seeds 0,1,2]
+    python experiments/moe_balance.py [--out DIR] [--steps 400] [--seeds 0,1,2]
         [--scopes micro_batch,global] [--reuse] [--quick]
 
 Each run is mpxla's own Trainer on `configs/gpt_tiny.py` (bf16 recipe) turned into a small MoE
-GPT (`MODEL`: 8 experts, top-2, an MoE MLP in every second layer) on 8 simulated CPU devices
+GPT (8 experts, top-2, an MoE MLP in every second layer) on 8 simulated CPU devices
 (mesh data=8, global batch 16 sequences, so each device's micro-batch is 2 sequences of 128
 bytes), with the load-balancing loss (Qiu et al. 2025; mpxla.parallel.moe)
 
@@ -31,40 +31,23 @@ the LBL of the sample at both scopes, and the validation loss per domain.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
-import shlex
 import shutil
-import sys
-import time
 from typing import Any
 
-import _common  # experiments/_common.py
+import harness as H
 import numpy as np
 
 NAME = "moe_balance"
 TITLE = "4. Global vs micro-batch load balancing (MoE GPT, 8 devices)"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "experiments" / "results" / NAME
 CONFIG = "configs/gpt_tiny.py"
 SCOPES = ("micro_batch", "global")
 DEVICES = 8
 BATCH_AXES = ("data", "fsdp", "expert")
 MIN_DOMAIN_SHARE = 0.04  # a top-level package with >= 4% of the validation bytes is a domain
 BYTE_CLASSES = ("space", "letter", "digit", "punct", "other")
-
-MODEL = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=192, num_experts=8,
-             moe_top_k=2, moe_every=2, moe_d_ff=64)
-FULL = dict(model=MODEL, seq_len=128, batch_size=16, steps=400, seeds=(0, 1, 2), eval_every=50,
-            eval_batches=8, eval_rows=512, eval_batch=64)
-QUICK = dict(model=dict(MODEL, d_model=32, n_layers=1, moe_every=1, n_heads=2, n_kv_heads=1,
-                        d_ff=64, moe_d_ff=32, attention_impl="dense_jax"),
-             seq_len=32, batch_size=16, steps=3, seeds=(0,), eval_every=3, eval_batches=1,
-             eval_rows=64, eval_batch=64)
+QUICK = H.settings(NAME, quick=True)
 
 
 # --- domains ------------------------------------------------------------------------------
@@ -178,27 +161,11 @@ def lbl_numpy(probs_NxE: np.ndarray, indices_NxK: np.ndarray, groups: int = 1) -
 
 def make_config(scope: str, seed: int, s: dict[str, Any]):
   """configs/gpt_tiny.py (bf16) as the MoE GPT of this section, LBL scope `scope`."""
-  from mpxla.train import config as config_lib  # pylint: disable=import-outside-toplevel
-
-  c = config_lib.load(str(ROOT / CONFIG))
-  with c.unlocked():
-    c.model.update(s["model"])
-    c.model.moe_lbl_scope = scope
-    c.model.moe_axis_name = list(BATCH_AXES)  # micro_batch needs the batch's mesh axes
-  c.seed = seed
-  c.total_steps = s["steps"]
-  c.eval_every = s["eval_every"]
-  c.eval_batches = s["eval_batches"]
-  c.log_every = min(10, s["steps"])
-  c.checkpoint_every = s["steps"]
-  c.keep_checkpoints = 1
-  c.progress = False
-  c.plot = False
-  c.data.seq_len = s["seq_len"]
-  c.data.batch_size = s["batch_size"]
-  c.optim.decay_steps = s["steps"]
-  c.optim.warmup_steps = min(30, max(1, s["steps"] // 10))
-  return c
+  return H.trainer_config(CONFIG, H.schedule(s["steps"]), {
+      "model": dict(s["model"], moe_lbl_scope=scope, moe_axis_name=list(BATCH_AXES)),
+      "seed": seed, "eval_every": s["eval_every"], "eval_batches": s["eval_batches"],
+      "log_every": min(10, s["steps"]), "data.seq_len": s["seq_len"],
+      "data.batch_size": s["batch_size"]})
 
 
 def restore_final(trainer, workdir: pathlib.Path):
@@ -328,7 +295,7 @@ def train_and_analyse(scope: str, seed: int, s: dict[str, Any], workdir: pathlib
           and json.loads((workdir / "config.json").read_text()) == json.loads(to_json(config)))
   if not done and workdir.exists():
     shutil.rmtree(workdir)
-  t0, c0 = time.time(), time.process_time()
+  start = H.clock()
   trainer = Trainer(config, workdir)
   summary = json.loads(summary_path.read_text()) if done else trainer.run()
   state = restore_final(trainer, workdir)
@@ -336,12 +303,13 @@ def train_and_analyse(scope: str, seed: int, s: dict[str, Any], workdir: pathlib
                                     s["eval_batch"])
   stats = analyse(ce, routes, sample, s["model"]["num_experts"], s["batch_size"] // DEVICES)
   records = monitor.read_metrics(workdir)
+  end = H.clock()
   return {"scope": scope, "seed": seed,
           "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
           "train": [(r["step"], r["loss"]) for r in records if "loss" in r],
           "trainer_final_val_loss": summary["final_val_loss"],
           "final_train_loss": summary["final_train_loss"], "eval": stats, "reused": done,
-          "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+          "wall_s": round(end[0] - start[0], 1), "cpu_s": round(end[1] - start[1], 1)}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -352,60 +320,50 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not sel:
       continue
     layers = sorted(sel[0]["eval"]["layers"])
-    row = {"val_loss": _common.stats([r["eval"]["val_loss"] for r in sel]),
-           "trainer_val_loss": _common.stats([r["trainer_final_val_loss"] for r in sel]),
-           "train_loss": _common.stats([r["final_train_loss"] for r in sel]),
+    row = {"val_loss": H.stats([r["eval"]["val_loss"] for r in sel]),
+           "trainer_val_loss": H.stats([r["trainer_final_val_loss"] for r in sel]),
+           "train_loss": H.stats([r["final_train_loss"] for r in sel]),
            "val_loss_per_domain": {
-               d: _common.stats([r["eval"]["val_loss_per_domain"][d] for r in sel])
+               d: H.stats([r["eval"]["val_loss_per_domain"][d] for r in sel])
                for d in sel[0]["eval"]["val_loss_per_domain"]},
            "layers": {}}
     for layer in layers:
       ls = [r["eval"]["layers"][layer] for r in sel]
       row["layers"][layer] = {
-          "mi_domain": _common.stats([x["domain"]["mutual_information"] for x in ls]),
-          "h_expert_given_domain": _common.stats([x["domain"]["h_expert_given"] for x in ls]),
-          "h_expert": _common.stats([x["domain"]["h_expert"] for x in ls]),
-          "mi_byte_class": _common.stats([x["byte_class"]["mutual_information"] for x in ls]),
-          "lbl_global": _common.stats([x["lbl_global"] for x in ls]),
-          "lbl_micro_batch": _common.stats([x["lbl_micro_batch"] for x in ls]),
-          "max_load_over_mean": _common.stats([x["max_load_over_mean"] for x in ls])}
+          "mi_domain": H.stats([x["domain"]["mutual_information"] for x in ls]),
+          "h_expert_given_domain": H.stats([x["domain"]["h_expert_given"] for x in ls]),
+          "h_expert": H.stats([x["domain"]["h_expert"] for x in ls]),
+          "mi_byte_class": H.stats([x["byte_class"]["mutual_information"] for x in ls]),
+          "lbl_global": H.stats([x["lbl_global"] for x in ls]),
+          "lbl_micro_batch": H.stats([x["lbl_micro_batch"] for x in ls]),
+          "max_load_over_mean": H.stats([x["max_load_over_mean"] for x in ls])}
     table[scope] = row
   return table
 
 
-def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
-        seeds: tuple[int, ...] | None = None, scopes: tuple[str, ...] = SCOPES,
-        reuse: bool = False, command: str | None = None) -> dict[str, Any]:
-  """Trains both scopes for every seed, analyses the routing, writes out_dir/results.json.
+def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
+        scopes=SCOPES, reuse: bool = False, command: str | None = None) -> dict[str, Any]:
+  """Trains the LBL `scopes` for every seed, analyses the routing, writes out_dir/results.json.
 
-  scopes: the LBL scopes to train (default both).
   reuse: keep finished runs of the same config in out_dir/runs and only analyse them again.
   """
-  bad = [x for x in scopes if x not in SCOPES]
-  if bad or not scopes:
+  if not scopes or any(x not in SCOPES for x in scopes):
     raise ValueError(f"scopes={scopes!r}: choose from {SCOPES}.")
-  import jax  # pylint: disable=import-outside-toplevel
-
-  _common.require_devices("moe_balance", DEVICES)
+  H.require_devices(NAME, DEVICES)
   out_dir = pathlib.Path(out_dir)
-  s = _common.settings(quick, QUICK, FULL, steps=steps, seeds=seeds, evals=8)
-  runs_dir = out_dir / "runs"
-  runs_dir.mkdir(parents=True, exist_ok=True)
-  t0, c0 = time.time(), time.process_time()
+  s = H.settings(NAME, quick, steps=steps, seeds=seeds)
+  start = H.clock()
   sample = eval_sample(make_config(SCOPES[0], 0, s), s["eval_rows"])
-  runs = []
-  for seed in s["seeds"]:
-    for scope in scopes:
-      rec = train_and_analyse(scope, seed, s, runs_dir / f"{scope}_s{seed}", sample, reuse)
-      runs.append(rec)
-      mi = [x["domain"]["mutual_information"] for x in rec["eval"]["layers"].values()]
-      print(f"[moe_balance] {scope:11s} seed {seed}: val {rec['eval']['val_loss']:.4f} "
-            f"I(E;D) {', '.join(f'{m:.3f}' for m in mi)} bits ({rec['cpu_s']} CPU s)", flush=True)
+  mis = lambda r: ", ".join(f"{x['domain']['mutual_information']:.3f}"  # noqa: E731
+                            for x in r["eval"]["layers"].values())
+  runs = H.sweep(lambda seed, scope: train_and_analyse(scope, seed, s, out_dir / "runs" / f"{scope}_s{seed}",
+                                                       sample, reuse), NAME,
+                 lambda r: f"{r['scope']:11s} seed {r['seed']}: val {r['eval']['val_loss']:.4f} "
+                 f"I(E;D) {mis(r)} bits ({r['cpu_s']} CPU s)", seed=s["seeds"], scope=scopes)
   layout = sample["layout"]
   counts = np.bincount(sample["domain"].reshape(-1), minlength=len(layout["domains"]))
-  results = {
-      "name": NAME, "quick": quick, "config": CONFIG, "scopes": list(scopes),
-      "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+  return H.save(out_dir, {
+      "name": NAME, "quick": quick, "config": CONFIG, "scopes": list(scopes), "settings": s,
       "devices": DEVICES, "micro_batch_rows": s["batch_size"] // DEVICES,
       "aux_loss_weight": float(make_config(SCOPES[0], 0, s).aux_loss_weight),
       "domains": layout["domains"], "domain_byte_share": layout["byte_share"],
@@ -413,13 +371,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
       "min_domain_share": MIN_DOMAIN_SHARE, "byte_classes": list(BYTE_CLASSES),
       "validation_docs": len(layout["rel"]), "sample_rows": len(sample["rows"]),
       "params": _param_count(s), "runs": runs, "table": aggregate(runs),
-      "command": command or (f"python experiments/moe_balance.py --out {out_dir}"
-                             + (" --quick" if quick else "")),
-      "jax_version": jax.__version__, "python": platform.python_version(),
-      "cpu_count": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "wall_time_s": round(time.time() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1)}
-  (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-  return results
+      **H.metadata(start, command or f"python experiments/moe_balance.py --out {out_dir}"
+                   + (" --quick" if quick else ""))})
 
 
 def _param_count(s: dict[str, Any]) -> dict[str, int]:
@@ -460,24 +413,12 @@ def _paired(res: dict[str, Any], kind: str):
 
 def plot_curves(res: dict[str, Any], path: pathlib.Path) -> None:
   """Validation loss per scope, and the paired difference global - micro_batch per step."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax, ax2) = H.pyplot().subplots(1, 2, figsize=(11, 4))
   for scope in res["scopes"]:
     sel = [r for r in res["runs"] if r["scope"] == scope]
-    steps = np.array([x[0] for x in sel[0]["val"]])
-    ys = np.array([[x[1] for x in r["val"]] for r in sel], np.float64)
-    ax.plot(steps, ys.mean(0), color=_COLORS[scope], marker="o", ms=3,
-            label=f"{scope} ({len(sel)} seeds)")
-    ax.fill_between(steps, ys.min(0), ys.max(0), color=_COLORS[scope], alpha=0.15)
-  ax.set_xlabel("step")
-  ax.set_ylabel("validation loss (nats/byte)")
-  ax.set_title("trainer's validation batches (mean, band min..max)")
-  ax.grid(alpha=0.3)
-  ax.legend()
+    H.band(ax, np.array([x[0] for x in sel[0]["val"]]), [[x[1] for x in r["val"]] for r in sel],
+           _COLORS[scope], f"{scope} ({len(sel)} seeds)", marker="o", ms=3)
+  H.style(ax, "step", "validation loss (nats/byte)", "trainer's validation batches (mean, band min..max)")
   for kind, color, label in (("train", "gray", "training loss (EMA 0.8)"),
                              ("val", "black", "validation loss")):
     steps, d = _paired(res, kind)
@@ -486,67 +427,47 @@ def plot_curves(res: dict[str, Any], path: pathlib.Path) -> None:
     if kind == "train":  # per-batch losses are noisy: smooth each seed's difference
       for j in range(1, d.shape[1]):
         d[:, j] = 0.8 * d[:, j - 1] + 0.2 * d[:, j]
-    ax2.plot(steps, d.mean(0), color=color, marker="o" if kind == "val" else None, ms=3,
-             label=label)
-    ax2.fill_between(steps, d.min(0), d.max(0), color=color, alpha=0.15)
+    H.band(ax2, steps, d, color, label, marker="o" if kind == "val" else None, ms=3)
   if not ax2.lines:
     ax2.text(0.5, 0.5, "needs both scopes", ha="center", transform=ax2.transAxes)
   ax2.axhline(0.0, color="tab:red", lw=0.8)
-  ax2.set_xlabel("step")
-  ax2.set_ylabel("global - micro_batch (nats/byte)")
-  ax2.set_title("global - micro_batch, paired by seed (band min..max)")
-  ax2.grid(alpha=0.3)
-  if ax2.get_legend_handles_labels()[0]:
-    ax2.legend()
-  _common.save_figure(fig, path, dpi=90)
+  H.style(ax2, "step", "global - micro_batch (nats/byte)", "global - micro_batch, paired by seed (band min..max)")
+  H.save_figure(fig, path, dpi=90)
 
 
 def plot_shares(res: dict[str, Any], path: pathlib.Path) -> None:
   """Expert share per domain (seed of the first run), one heatmap per (scope, MoE layer)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
   seed = res["runs"][0]["seed"]
   sel = {r["scope"]: r for r in res["runs"] if r["seed"] == seed}
   layers = sorted(res["runs"][0]["eval"]["layers"])
-  e = res["settings"]["model"]["num_experts"]
-  fig, axes = plt.subplots(len(layers), len(res["scopes"]),
-                           figsize=(4.6 * len(res["scopes"]), 0.45 * len(res["domains"]) * len(layers) + 1.2),
-                           squeeze=False)
+  e, n_dom = res["settings"]["model"]["num_experts"], len(res["domains"])
+  fig, axes = H.pyplot().subplots(len(layers), len(res["scopes"]), squeeze=False,
+                                  figsize=(4.6 * len(res["scopes"]), 0.45 * n_dom * len(layers) + 1.2))
   for j, scope in enumerate(res["scopes"]):
     for i, layer in enumerate(layers):
       ax = axes[i, j]
       st = sel[scope]["eval"]["layers"][layer]["domain"]
       im = ax.imshow(np.array(st["shares"]), vmin=0, vmax=min(1.0, 4.0 / e), cmap="viridis",
                      aspect="auto")
-      ax.set_yticks(range(len(res["domains"])), res["domains"], fontsize=8)
+      ax.set_yticks(range(n_dom), res["domains"], fontsize=8)
       ax.set_xticks(range(e), [str(x) for x in range(e)], fontsize=8)
       ax.set_xlabel("expert")
       ax.set_title(f"{scope}, {layer}: I(E;D) = {st['mutual_information']:.3f} bits", fontsize=9)
       fig.colorbar(im, ax=ax, fraction=0.04)
   fig.suptitle(f"share of each domain's routed slots per expert (seed {seed})", fontsize=10)
-  _common.save_figure(fig, path, dpi=90)
-
-
-def _pm(st: dict[str, float], fmt: str = ".4f") -> str:
-  return f"{st['mean']:{fmt}} ± {st['std']:{fmt}}"
+  H.save_figure(fig, path, dpi=90)
 
 
 def render(out_dir: pathlib.Path) -> str:
-  out_dir, res = _common.load_results(out_dir)
-  curves, shares = out_dir / "moe_balance_loss.png", out_dir / "moe_balance_shares.png"
-  plot_curves(res, curves)
-  plot_shares(res, shares)
+  out_dir, res = H.load(out_dir)
+  plot_curves(res, out_dir / "moe_balance_loss.png")
+  plot_shares(res, out_dir / "moe_balance_shares.png")
   s, m, t = res["settings"], res["settings"]["model"], res["table"]
-  e = m["num_experts"]
-  n_seeds = len(s["seeds"])
+  e, n_seeds, scopes = m["num_experts"], len(s["seeds"]), res["scopes"]
   layers = sorted(res["runs"][0]["eval"]["layers"])
-  lines = [
-      f"Command ({res['cpu_time_s'] / 60:.1f} CPU-min, {res['wall_time_s'] / 60:.1f} min wall on "
-      f"{res['cpu_count']} shared CPU cores, jax {res['jax_version']}, {res['date'][:10]}):", "",
-      "```", res["command"], "```", "",
+  run = {(x["seed"], x["scope"]): x["eval"] for x in res["runs"]}
+  lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, {res['wall_time_s'] / 60:.1f} "
+                          f"min wall on {res['cpu_count']} shared CPU cores") + [
       f"`mpxla.train.Trainer` on `{res['config']}` (bf16) as an MoE GPT: d_model {m['d_model']}, "
       f"{m['n_layers']} layers with an MoE MLP ({e} SwiGLU experts of width {m['moe_d_ff']}, "
       f"top-{m['moe_top_k']}) in every {m['moe_every']}nd layer, {res['params']['total'] / 1e6:.2f}M "
@@ -562,176 +483,70 @@ def render(out_dir: pathlib.Path) -> str:
       f"comes from (packages with >= {res['min_domain_share']:.0%} of the validation bytes, "
       "`<modules>` = top-level modules, the rest `other`). Tokens per domain: " + ", ".join(
           f"`{d}` {n:,}" for d, n in res["domain_sample_tokens"].items()) + ".", "",
-      f"![loss curves]({curves.name})", "",
+      "![loss curves](moe_balance_loss.png)", "",
       f"Mean ± std over {n_seeds} seed(s) (ddof=1). Information in bits; H(E|D) is the "
       f"token-weighted mean of the per-domain routing entropies (max log2 {e} = "
       f"{np.log2(e):.0f}); LBL measured on the evaluation sample over all of it (global) and "
-      f"over groups of {res['micro_batch_rows']} rows (micro-batch), 1.0 = perfectly balanced:", "",
-      "| LBL scope | val loss (sample) | val loss (trainer) | train loss | "
-      + " | ".join(f"{ly}: I(E;D) | {ly}: H(E\\|D) | {ly}: I(E;byte class) | {ly}: LBL global / micro"
-                   for ly in layers) + " |",
-      "|---|---|---|---|" + "---|---|---|---|" * len(layers)]
-  for scope in res["scopes"]:
+      f"over groups of {res['micro_batch_rows']} rows (micro-batch), 1.0 = perfectly balanced:", ""]
+  rows = []
+  for scope in scopes:
     r = t[scope]
-    cells = []
-    for ly in layers:
-      x = r["layers"][ly]
-      cells += [_pm(x["mi_domain"]), _pm(x["h_expert_given_domain"], ".3f"),
-                _pm(x["mi_byte_class"], ".3f"),
-                f"{x['lbl_global']['mean']:.3f} / {x['lbl_micro_batch']['mean']:.3f}"]
-    lines.append(f"| `{scope}` | {_pm(r['val_loss'])} | {_pm(r['trainer_val_loss'])} | "
-                 f"{_pm(r['train_loss'])} | " + " | ".join(cells) + " |")
-  lines += ["", "Per seed (validation loss on the sample; I(E;D) per MoE layer):", "",
-            "| seed | " + " | ".join(f"`{sc}`" for sc in res["scopes"]) + " |",
-            "|---|" + "---|" * len(res["scopes"])]
-  for seed in s["seeds"]:
-    cells = []
-    for scope in res["scopes"]:
-      r = [x for x in res["runs"] if x["seed"] == seed and x["scope"] == scope][0]["eval"]
-      cells.append(f"{r['val_loss']:.4f}; " + ", ".join(
-          f"{r['layers'][ly]['domain']['mutual_information']:.3f}" for ly in layers))
-    lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-  lines += ["", "Validation loss per domain (mean over seeds):", "",
-            "| domain | byte share of validation | " + " | ".join(f"`{sc}`" for sc in res["scopes"])
-            + " |", "|---|---|" + "---|" * len(res["scopes"])]
-  for d in res["domains"]:
-    lines.append(f"| `{d}` | {res['domain_byte_share'][d]:.1%} | " + " | ".join(
-        f"{t[sc]['val_loss_per_domain'][d]['mean']:.4f}" for sc in res["scopes"]) + " |")
-  seed0 = res["runs"][0]["seed"]
-  last = layers[-1]
+    rows.append([f"`{scope}`", H.pm(r["val_loss"]), H.pm(r["trainer_val_loss"]), H.pm(r["train_loss"])]
+                + [c for ly in layers for x in [r["layers"][ly]] for c in (
+                    H.pm(x["mi_domain"]), H.pm(x["h_expert_given_domain"], ".3f"),
+                    H.pm(x["mi_byte_class"], ".3f"),
+                    f"{x['lbl_global']['mean']:.3f} / {x['lbl_micro_batch']['mean']:.3f}")])
+  lines += H.table(["LBL scope", "val loss (sample)", "val loss (trainer)", "train loss"]
+                   + [f"{ly}: {c}" for ly in layers for c in ("I(E;D)", "H(E\\|D)",
+                                                               "I(E;byte class)", "LBL global / micro")],
+                   rows)
+  lines += ["", "Per seed (validation loss on the sample; I(E;D) per MoE layer):", ""]
+  lines += H.table(["seed"] + [f"`{sc}`" for sc in scopes], [[seed] + [
+      f"{run[seed, sc]['val_loss']:.4f}; " + ", ".join(
+          f"{run[seed, sc]['layers'][ly]['domain']['mutual_information']:.3f}" for ly in layers)
+      for sc in scopes] for seed in s["seeds"]])
+  lines += ["", "Validation loss per domain (mean over seeds):", ""]
+  lines += H.table(["domain", "byte share of validation"] + [f"`{sc}`" for sc in scopes], [
+      [f"`{d}`", f"{res['domain_byte_share'][d]:.1%}"]
+      + [f"{t[sc]['val_loss_per_domain'][d]['mean']:.4f}" for sc in scopes] for d in res["domains"]])
+  seed0, last = res["runs"][0]["seed"], layers[-1]
   lines += ["", f"Expert share per domain, {last}, seed {seed0} (each row sums to 1; uniform = "
             f"{1 / e:.3f}; last column: the routing entropy H(E|d) in bits):", ""]
-  for scope in res["scopes"]:
-    st = [x for x in res["runs"] if x["seed"] == seed0 and x["scope"] == scope][0]
-    st = st["eval"]["layers"][last]["domain"]
-    lines += [f"`{scope}`:", "", "| domain | " + " | ".join(f"e{i}" for i in range(e))
-              + " | H(E\\|d) |", "|---|" + "---|" * (e + 1)]
-    for d, row, h in zip(res["domains"], st["shares"], st["entropy_given"], strict=True):
-      lines.append(f"| `{d}` | " + " | ".join(f"{v:.3f}" for v in row) + f" | {h:.3f} |")
-    lines.append("")
-  lines += [f"![expert shares per domain]({shares.name})", ""]
-  lines += _interpretation(res)
+  for scope in scopes:
+    st = run[seed0, scope]["layers"][last]["domain"]
+    lines += [f"`{scope}`:", ""] + H.table(
+        ["domain"] + [f"e{i}" for i in range(e)] + ["H(E\\|d)"],
+        [[f"`{d}`"] + [f"{v:.3f}" for v in row] + [f"{h:.3f}"]
+         for d, row, h in zip(res["domains"], st["shares"], st["entropy_given"], strict=True)]) + [""]
+  lines += ["![expert shares per domain](moe_balance_shares.png)", ""]
+  if all(x in t for x in SCOPES):
+    lines.append(H.prose(NAME, "reading", res["quick"]))
   return "\n".join(lines) + "\n"
 
 
-def _interpretation(res: dict[str, Any]) -> list[str]:
-  if res["quick"]:
-    return ["*Quick mode: a miniature MoE GPT for a few steps; the numbers only show that the "
-            "pipeline works.*"]
-  t = res["table"]
-  if not all(x in t for x in SCOPES):
-    return ["*Only one scope was run; there is nothing to compare.*"]
-  mb, gl = t["micro_batch"], t["global"]
-  layers = sorted(mb["layers"])
-  seeds = res["settings"]["seeds"]
-  runs = {(x["scope"], x["seed"]): x["eval"] for x in res["runs"]}
-
-  def paired(fn):
-    return np.array([fn(runs[("global", sd)]) - fn(runs[("micro_batch", sd)]) for sd in seeds])
-
-  dv = paired(lambda r: r["val_loss"])
-  mi = {ly: paired(lambda r, ly=ly: r["layers"][ly]["domain"]["mutual_information"])
-        for ly in layers}
-  n_pos = sum(int(np.sum(v > 0)) for v in mi.values())
-  n_all = sum(v.size for v in mi.values())
-  ratio = np.mean([gl["layers"][ly]["mi_domain"]["mean"] / mb["layers"][ly]["mi_domain"]["mean"]
-                   for ly in layers])
-  p_dom = np.array(list(res["domain_sample_tokens"].values()), np.float64)
-  p_dom /= p_dom.sum()
-  h_dom = float(-np.sum(p_dom[p_dom > 0] * np.log2(p_dom[p_dom > 0])))
-  max_mi = max(gl["layers"][ly]["mi_domain"]["mean"] for ly in layers)
-  micro_lower = all(mb["layers"][ly]["lbl_micro_batch"]["mean"]
-                    < gl["layers"][ly]["lbl_micro_batch"]["mean"] for ly in layers)
-  gap = [gl["layers"][ly]["lbl_global"]["mean"] - mb["layers"][ly]["lbl_global"]["mean"]
-         for ly in layers]
-  top = {}
-  for ly in layers:  # the domain with the lowest routing entropy under global LBL
-    h = np.mean([runs[("global", sd)]["layers"][ly]["domain"]["entropy_given"] for sd in seeds], 0)
-    top[ly] = (res["domains"][int(np.argmin(h))], float(h.min()))
-  out = [
-      f"- **Specialization:** global-batch balancing gives higher I(expert; domain) in {n_pos} of "
-      f"{n_all} (seed, layer) pairs, {ratio:.1f}x the micro-batch value on average; but the "
-      f"values are small: at most {max_mi:.3f} bits of the {h_dom:.2f} bits of domain entropy "
-      "in the sample. The most specialized domain is " + ", ".join(
-          f"`{d}` in {ly} (H(E|d) {h:.2f} bits)" for ly, (d, h) in top.items())
-      + "; the other domains route almost uniformly (H(E|d) near 3 bits).",
-      "- **Balance:** the micro-batch LBL measured on the sample (random pairs of rows, as in "
-      "training) is " + ("lower under `micro_batch` in every MoE layer" if micro_lower
-                         else "not lower under `micro_batch` in every layer") + " ("
-      + ", ".join(f"{mb['layers'][ly]['lbl_micro_batch']['mean']:.3f} vs "
-                  f"{gl['layers'][ly]['lbl_micro_batch']['mean']:.3f}" for ly in layers)
-      + "), while the global-batch LBL differs by " + ", ".join(f"{g:+.3f}" for g in gap)
-      + " (global minus micro); both keep the global load close to uniform (max load / mean "
-      + ", ".join(
-          f"{mb['layers'][ly]['max_load_over_mean']['mean']:.2f} vs "
-          f"{gl['layers'][ly]['max_load_over_mean']['mean']:.2f}" for ly in layers) + ").",
-      "- **Loss:** validation loss on the sample, `global` minus `micro_batch` paired by seed: "
-      + ", ".join(f"{x:+.4f}" for x in dv) + f" nats/byte (mean {dv.mean():+.4f}; "
-      + ("same sign in every seed" if (np.all(dv > 0) or np.all(dv < 0))
-         else "the sign changes across seeds")
-      + f"), against a seed-to-seed std of {mb['val_loss']['std']:.4f}: "
-      + ("no measurable loss difference at this scale"
-         if not (np.all(dv > 0) or np.all(dv < 0)) else "a consistent but small difference")
-      + " (the paper reports lower perplexity with global balancing at billions of "
-      "parameters).",
-      "- The 'val loss (trainer)' column is the trainer's periodic evaluation: the first "
-      f"{res['settings']['eval_batches']} batches of the validation split in file order (a few "
-      "files, not the evenly spaced sample); it is the curve in the plot.",
-      ]
-  s = res["settings"]
-  byte_ratio = np.mean([t[sc]["layers"][ly]["mi_byte_class"]["mean"]
-                        / t[sc]["layers"][ly]["mi_domain"]["mean"] for sc in SCOPES for ly in layers])
-  out += ["",
-          "Scale, honestly: Qiu et al. train MoE LLMs of billions of parameters on hundreds of "
-          "billions of tokens with micro-batches of a few thousand tokens and global batches of "
-          f"millions; here {res['params']['total'] / 1e6:.2f}M parameters see "
-          f"{s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.2f}M bytes "
-          f"({s['steps']} steps) with micro-batches of {res['micro_batch_rows'] * s['seq_len']} "
-          f"tokens inside a global batch of {s['batch_size'] * s['seq_len']}, and the LBL weight "
-          f"is {res['aux_loss_weight']:g}. The domains are all Python source, far more alike "
-          "than the paper's code/math/web mixtures, and a byte-level model's routing is driven "
-          f"mostly by the byte itself (I(E; byte class) is {byte_ratio:.0f}x I(E; domain)). The "
-          "direction of the specialization effect "
-          + ("matches the paper (every seed and layer)" if n_pos == n_all else "is mixed")
-          + "; its size, and any effect on loss, cannot be judged at this scale."]
-  return out
+def headline(out_dir: pathlib.Path) -> dict[str, str]:
+  """Header figures for docs/results.md: validation loss and expert-domain information by scope."""
+  table = H.load(out_dir)[1]["table"]
+  loss = " vs ".join(f"{table[s]['val_loss']['mean']:.4f}" for s in ("micro_batch", "global"))
+  mi = "; ".join(
+      f"{name.split('/')[0]}: " + " -> ".join(
+          f"{table[s]['layers'][name]['mi_domain']['mean']:.4f}" for s in ("micro_batch", "global"))
+      for name in sorted(table["global"]["layers"]))
+  return {"Validation loss, micro-batch vs global load balancing (mean of seeds)": loss,
+          "I(expert; domain) in bits, micro-batch -> global": mi}
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-  parser.add_argument("--quick", action="store_true", help="a miniature: tiny MoE GPT, few steps")
-  parser.add_argument("--steps", type=int, default=None, help=f"steps per run ({FULL['steps']})")
-  parser.add_argument("--seeds", default=None, help="comma-separated seeds (0,1,2)")
-  parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated LBL scopes")
-  parser.add_argument("--reuse", action="store_true",
-                      help="only re-analyse finished runs of the same config in OUT/runs")
-  args = parser.parse_args(argv)
-  flag = f"--xla_force_host_platform_device_count={DEVICES}"
-  if flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, str(ROOT))
-  argv = sys.argv[1:] if argv is None else argv
-  seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
-  run(args.out, args.quick, steps=args.steps, seeds=seeds, scopes=tuple(args.scopes.split(",")),
-      reuse=args.reuse,
-      command=shlex.join(["python", "experiments/moe_balance.py", *argv]))
+  args, command = H.cli(__doc__, NAME, argv, devices=DEVICES, options=(
+      ("--steps", dict(type=int, help="steps per run (400)")),
+      ("--seeds", dict(type=H.ints, help="comma-separated seeds (0,1,2)")),
+      ("--scopes", dict(type=H.strs, default=SCOPES, help="comma-separated LBL scopes")),
+      ("--reuse", dict(action="store_true",
+                       help="only re-analyse finished runs of the same config in OUT/runs"))))
+  run(args.out, args.quick, steps=args.steps, seeds=args.seeds, scopes=args.scopes,
+      reuse=args.reuse, command=command)
   print(render(args.out))
 
 
 if __name__ == "__main__":
   main()
-
-
-def headline(out_dir: pathlib.Path) -> dict[str, str]:
-  """Header figures for docs/results.md: validation loss and expert-domain information by scope."""
-  table = _common.load_results(out_dir)[1]["table"]
-  loss = " vs ".join(f"{table[s]['val_loss']['mean']:.4f}" for s in ("micro_batch", "global"))
-  layers = sorted(table["global"]["layers"])
-  mi = "; ".join(
-      f"{name.split('/')[0]}: " + " -> ".join(
-          f"{table[s]['layers'][name]['mi_domain']['mean']:.4f}" for s in ("micro_batch", "global"))
-      for name in layers)
-  return {"Validation loss, micro-batch vs global load balancing (mean of seeds)": loss,
-          "I(expert; domain) in bits, micro-batch -> global": mi}

@@ -1,4 +1,4 @@
-"""Section 5: token permutation on REAL attention maps of the trained GPT.
+"""Token permutation on REAL attention maps of the trained GPT (configs/experiments/permutation.py).
 
     python experiments/permutation_real.py [--workdir DIR] [--context 8192] [--quick]
 
@@ -31,34 +31,24 @@ BlockMask (impl='xla'): blocks computed, true recall and output error.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import datetime
 import functools
 import json
-import os
 import pathlib
 import shutil
 import tempfile
 import time
 
-import _common  # experiments/_common.py
+import harness as H
 import numpy as np
 
 NAME = "permutation"
 TITLE = "5. Token permutation on real attention maps"
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "experiments" / "results" / NAME
-DEFAULT_PARITY = ROOT / "experiments" / "results" / "parity"
+DEFAULT_PARITY = H.RESULTS / "parity"
 RECALLS = (0.9, 0.97)
 HEADLINE_RECALL = 0.97
 BOUND = "any-permutation bound"  # the fewest blocks any key order could need (a lower bound)
 MAP_SIDE = 32  # block-mass maps stored for the plot are mean-pooled to at most this side
-
-FULL = dict(context=8192, docs=2, block=64, segments=(256, 1024), estimates=("pooled", "tokens"),
-            long_train_len=2048)
-QUICK = dict(context=512, docs=1, block=64, segments=(256,), estimates=("tokens",),
-             long_train_len=0, select_recalls=(HEADLINE_RECALL,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,17 +156,13 @@ def train(workdir: pathlib.Path, quick: bool, seq_len: int | None = None) -> Non
 
   seq_len: train on rows of this length, with the batch cut to keep 16 x 128 tokens per step.
   """
-  from mpxla.train import config as config_lib
   from mpxla.train.trainer import Trainer
 
-  c = config_lib.load(str(ROOT / "configs" / "gpt_tiny.py"))
-  c.progress = False
-  c.plot = False
-  if quick:  # compile time dominates: fewer layers, dense attention in the model
-    c.total_steps, c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 2, 2, 2, 1, 2
-    c.model.update(n_layers=2, d_model=64, d_ff=128, attention_impl="dense_jax")
-    c.data.batch_size = 8
-    c.optim.warmup_steps, c.optim.decay_steps = 1, 2
+  quick_overrides = {  # compile time dominates: fewer layers, dense attention in the model
+      **H.schedule(2), "log_every": 2, "eval_every": 2, "eval_batches": 1, "data.batch_size": 8,
+      "model": dict(n_layers=2, d_model=64, d_ff=128, attention_impl="dense_jax")}
+  c = H.trainer_config("configs/gpt_tiny.py", {"progress": False, "plot": False},
+                       quick_overrides if quick else {})
   if seq_len:
     c.data.batch_size = max(1, c.data.batch_size * c.data.seq_len // seq_len)
     c.data.seq_len = seq_len
@@ -421,7 +407,7 @@ def study(wd: pathlib.Path, source: str, context: int, docs: int, block: int, se
   nq = context // block
   beyond = nll[:, train_len - 1:]
   return {
-      "model": {"source": source, "workdir": _show(wd), "step": step, "recipe": config.recipe,
+      "model": {"source": source, "workdir": H.show(wd), "step": step, "recipe": config.recipe,
                 "train_seq_len": train_len, "n_layers": config.model.n_layers,
                 "n_heads": config.model.n_heads, "n_kv_heads": config.model.n_kv_heads,
                 "head_dim": config.model.d_model // config.model.n_heads},
@@ -433,13 +419,8 @@ def study(wd: pathlib.Path, source: str, context: int, docs: int, block: int, se
   }
 
 
-def _show(path: pathlib.Path) -> str:
-  path = pathlib.Path(path).resolve()
-  return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def run(out_dir: pathlib.Path, quick: bool = False, workdir: str | None = None,
-        parity: str | os.PathLike = DEFAULT_PARITY, context: int | None = None,
+        parity=DEFAULT_PARITY, context: int | None = None,
         docs: int | None = None, block: int | None = None, segments=None,
         long_train_len: int | None = None, command: str | None = None) -> dict:
   """Runs the analysis and writes out_dir/results.json.
@@ -449,16 +430,12 @@ def run(out_dir: pathlib.Path, quick: bool = False, workdir: str | None = None,
   temporary directory). long_train_len L > 0 adds a second study: the same config trained on
   L-token rows (out_dir/runs/gpt_tiny_L{L}, trained if missing), read at its training length.
   """
-  import jax
-
-  t0 = time.time()
+  start = H.clock()
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  p = dict(QUICK if quick else FULL)
-  given = dict(context=context, docs=docs, block=block, segments=segments,
-               long_train_len=long_train_len)
-  p.update({k: (tuple(v) if k == "segments" else v) for k, v in given.items() if v is not None})
-  blk, segs = p["block"], p["segments"]
+  p = H.settings(NAME, quick, context=context, docs=docs, block=block, segments=segments,
+                 long_train_len=long_train_len)
+  blk, segs = p["block"], tuple(p["segments"])
   for ctx in (p["context"], p["long_train_len"] or blk * max(segs)):
     if ctx % blk or any(s % blk or ctx % s for s in segs):
       raise ValueError(f"context {ctx} must be a multiple of --block={blk} and of every segment "
@@ -497,16 +474,9 @@ def run(out_dir: pathlib.Path, quick: bool = False, workdir: str | None = None,
       train(wd, False, seq_len=n)
     extra.append(study(wd, f"configs/gpt_tiny.py trained here on {n}-token rows", n, p["docs"],
                        blk, segs, p["estimates"]))
-  results = {
-      "command": command or _command(quick), "quick": quick, "jax_version": jax.__version__,
-      "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-      **main_study, "extra": extra, "wall_time_s": round(time.time() - t0, 1)}
-  (out_dir / "results.json").write_text(json.dumps(results))
-  return results
-
-
-def _command(quick: bool) -> str:
-  return "python experiments/permutation_real.py" + (" --quick" if quick else "")
+  return H.save(out_dir, {"quick": quick, **main_study, "extra": extra, **H.metadata(
+      start, command or "python experiments/permutation_real.py" + (" --quick" if quick else ""))},
+                indent=None)
 
 
 def _layer_mean(heads, layer, key, variant, r):
@@ -524,7 +494,7 @@ def _best(st, prefix, r=HEADLINE_RECALL):
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = _common.load_results(out_dir)[1]
+  res = H.load(out_dir)[1]
   out = {}
   for st in [res] + res.get("extra", []):
     r = HEADLINE_RECALL
@@ -539,11 +509,7 @@ def headline(out_dir: pathlib.Path) -> dict[str, str]:
 
 
 def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = H.pyplot()
   heads, variants = st["heads"], st["variants"]
   n_layers = max(hd["layer"] for hd in heads) + 1
   fig, axes = plt.subplots(1, len(st["recalls"]), figsize=(5 * len(st["recalls"]), 4.2),
@@ -561,7 +527,7 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
   bars = f"permutation_blocks{tag}.png"
-  _common.save_figure(fig, out_dir / bars, dpi=80, rect=(0, 0.14, 1, 1))
+  H.save_figure(fig, out_dir / bars, dpi=80, rect=(0, 0.14, 1, 1))
 
   names = list(st["maps"])
   keys = list(st["maps"][names[0]])
@@ -583,7 +549,7 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   fig.suptitle(f"log10 block mass, -4 (black) to 0 (white); rows: query blocks, columns: key "
                f"slots; {st['docs'][0]}, T={st['context']}", fontsize=9)
   maps = f"permutation_maps{tag}.png"
-  _common.save_figure(fig, out_dir / maps, dpi=80)
+  H.save_figure(fig, out_dir / maps, dpi=80)
   return [bars, maps]
 
 
@@ -678,124 +644,35 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
 
 def render(out_dir: pathlib.Path) -> str:
   """Markdown for docs/results.md from out_dir/results.json (writes the PNGs there)."""
-  out_dir, res = _common.load_results(out_dir)
+  out_dir, res = H.load(out_dir)
   studies = [res] + res.get("extra", [])
-  lines = [
-      "**Definitions.** Block mass M[i, j] = mean over the queries of query block i of the "
-      "attention mass on the keys in key slots j (in the original order or a permutation). "
-      "*Blocks for recall r*: per query-block row, the fewest key blocks, largest mass first, "
-      "holding r of the row's mass (an oracle selection from the true map), summed over rows; "
-      "mean over heads and documents. The definition is the same with and without permutation; "
-      "only the key order differs. *permute_kv sN*: `mpxla.attention.permute_kv`'s permutation "
-      "(keys sorted within aligned N-key segments by an importance estimated from block-pooled "
-      "queries). *true-importance sN*: the same segment sort by the true mass each key receives "
-      "(all queries, all query heads sharing its kv head): the best a segment sort of this kind "
-      "can do with the true map. *any-permutation bound*: per query-block row, ceil(n / block) "
-      "where n is the fewest keys holding r of the row's mass; no key order, not even a "
-      "different one for every row, needs fewer blocks, so its reduction is the most any "
-      "permutation could save on these maps. Reductions are no-permutation blocks / permuted "
-      "blocks.",
-      "",
-      "**Causality.** `permute_kv` permutes keys only within aligned segments and leaves queries "
-      "in place; the returned BlockMask carries `kv_perm`, so the causal mask is evaluated on "
-      "each key's original position (exact attention restricted to the listed blocks). A query "
-      "block never sees a future segment, but inside its own (diagonal) segment its allowed keys "
-      "are spread over all the segment's blocks: the diagonal segment, a triangle of blocks "
-      "without permutation, becomes partially filled blocks everywhere, and the local (recent "
-      "token) attention that causal LMs concentrate near the diagonal is spread the same way. "
-      "`permute_kv` always lists the first key block and every block holding the query block's "
-      "own positions.",
-      "",
-  ]
+  lines = [H.prose(NAME, "definitions", res["quick"]), ""]
   for i, st in enumerate(studies):
     m = st["model"]
     lines += [f"### {'Main: ' if i == 0 else 'Also: '}model trained on {m['train_seq_len']}-token "
               f"rows, T = {st['context']}", ""]
     lines += _study_markdown(st, out_dir, "" if i == 0 else f"_{i}")
-  r = HEADLINE_RECALL
-  reading, why = [], []
-  for st in studies:
-    heads = st["heads"]
-    base = _layer_mean(heads, None, "blocks", "none", r)
-    lib, lib_x = _best(st, "permute_kv")
-    orc, orc_x = _best(st, "true-importance")
-    bound_x = base / _layer_mean(heads, None, "blocks", BOUND, r)
-    reading.append(
-        f"trained on {st['model']['train_seq_len']}-token rows, read at T = {st['context']}: "
-        f"{base:.0f} of {st['causal_blocks']} causal blocks per head "
-        f"({base / st['causal_blocks']:.0%}) without permutation, {base / lib_x:.0f} with "
-        f"`permute_kv` ({lib}, {lib_x:.2f}x: {'meets' if lib_x >= 1.5 else 'misses'} the 1.5x "
-        f"goal), {base / orc_x:.0f} with the true-importance sort ({orc}, {orc_x:.2f}x), and no "
-        f"fewer than {base / bound_x:.0f} with any key order ({bound_x:.2f}x at most"
-        f"{': 1.5x is out of reach for this model' if bound_x < 1.5 else ''})")
-    seg = int(lib.rsplit(" s", 1)[1])
-    far0 = _layer_mean(heads, None, "far", f"none s{seg}", r)
-    far1 = _layer_mean(heads, None, "far", lib, r)
-    tot1 = _layer_mean(heads, None, "blocks", lib, r)
-    why.append(f"T = {st['context']}, {lib}: earlier segments {far0:.0f} -> {far1:.0f}, "
-               f"diagonal segment {base - far0:.0f} -> {tot1 - far1:.0f}")
-  m = res["model"]
-  best_x = max(_best(st, "permute_kv")[1] for st in studies)
-  if best_x < 1:
-    verdict = (
-        "Permutation does not pay here because these maps are diffuse rather than dominated by "
-        "a few heavy keys: even without permutation most causal blocks are needed, so there is "
-        "little mass to gather; and one key order per segment, chosen by the mass keys receive "
-        "from all queries, does not match what each query block attends to (rows attend by "
-        "relative position: the structure parallel to the diagonal in the maps). The block "
-        "counts grow in the "
-        "earlier segments and, through the causal constraint, in the diagonal one (")
-  else:
-    verdict = (f"Permutation {'meets' if best_x >= 1.5 else 'falls short of'} the goal here "
-               f"(best {best_x:.2f}x). Where the blocks move (")
-  lines += [
-      f"**Reading.** At {r:.0%} recall (oracle selection), the model " + "; the model ".join(
-          reading) + ". " + verdict + "; ".join(why) + "). Scale: byte-level models with "
-      f"{m['n_layers']} layers and head dim {m['head_dim']}, trained for a few hundred steps on "
-      "2 CPU cores; PBS-Attn's figures come from billion-parameter LLMs at their trained "
-      "context, whose maps hold sharper, sparser heavy-hitter structure. Treat these numbers as "
-      "what these small models show, not a prediction for large ones (the synthetic "
-      "heavy-hitter pattern in docs/attention.md gets 1.85x with 256-key segments).",
-      "",
-      f"Command: `{res['command']}` ({res['wall_time_s']:.0f} s on {res['cpu_count']} shared "
-      f"CPUs, jax {res['jax_version']}, {res['date']}).",
-  ]
-  return "\n".join(lines)
+  return "\n".join(lines + [H.prose(NAME, "reading"), "",
+                            f"Command: `{res['command']}` ({res['wall_time_s']:.0f} s on "
+                            f"{res['cpu_count']} shared CPUs, jax {res['jax_version']}, {res['date']})."])
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", default=str(DEFAULT_OUT), help="results directory")
-  ap.add_argument("--quick", action="store_true", help="tiny model trained here, T=512")
-  ap.add_argument("--workdir", help="a Trainer workdir of configs/gpt_tiny.py (default: the "
-                  "parity section's bf16 seed-0 run, else one trained into OUT/runs/gpt_tiny)")
-  ap.add_argument("--parity", default=str(DEFAULT_PARITY), help="the parity section's results")
-  ap.add_argument("--context", type=int, help=f"tokens (default {FULL['context']})")
-  ap.add_argument("--docs", type=int, help=f"documents (default {FULL['docs']})")
-  ap.add_argument("--block", type=int, help=f"block_q = block_kv (default {FULL['block']})")
-  ap.add_argument("--segments", help="comma-separated permutation segment lengths")
-  ap.add_argument("--long-train-len", type=int, help="also study the config trained on rows of "
-                  f"this length, read at it (default {FULL['long_train_len']}; 0: skip)")
-  args = ap.parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  words = ["python experiments/permutation_real.py"]
-  for key, value in vars(args).items():
-    flag = "--" + key.replace("_", "-")
-    if key == "out" and pathlib.Path(value).resolve() == DEFAULT_OUT:
-      continue
-    if key == "parity" and pathlib.Path(value).resolve() == DEFAULT_PARITY:
-      continue
-    if value is True:
-      words.append(flag)
-    elif value is not None and value is not False:
-      words.append(f"{flag} {_show(pathlib.Path(value)) if key in ('out', 'workdir') else value}")
-  command = " ".join(words)
-  segments = tuple(int(s) for s in args.segments.split(",")) if args.segments else None
-  run(pathlib.Path(args.out), quick=args.quick, workdir=args.workdir, parity=args.parity,
-      context=args.context, docs=args.docs, block=args.block, segments=segments,
+  args, command = H.cli(__doc__, NAME, argv, script="permutation_real.py", options=(
+      ("--workdir", dict(help="a Trainer workdir of configs/gpt_tiny.py (default: the parity "
+                         "section's bf16 seed-0 run, else one trained into OUT/runs/gpt_tiny)")),
+      ("--parity", dict(default=str(DEFAULT_PARITY), help="the parity section's results")),
+      ("--context", dict(type=int, help="tokens (default 8192)")),
+      ("--docs", dict(type=int, help="documents (default 2)")),
+      ("--block", dict(type=int, help="block_q = block_kv (default 64)")),
+      ("--segments", dict(type=H.ints, help="comma-separated permutation segment lengths")),
+      ("--long-train-len", dict(type=int, help="also study the config trained on rows of this "
+                                "length, read at it (default 2048; 0: skip)"))))
+  run(args.out, quick=args.quick, workdir=args.workdir, parity=args.parity, context=args.context,
+      docs=args.docs, block=args.block, segments=args.segments,
       long_train_len=args.long_train_len, command=command)
   print(f"$ {command}")
-  print(render(pathlib.Path(args.out)))
+  print(render(args.out))
 
 
 if __name__ == "__main__":
