@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         f"bias={args.bias}: {len(leaves)} leaves, {n:,} parameters, largest leaf {largest:,}")
 
   opts = {"optax.adamw": optax.adamw(1e-3), "mpxla adamw_fp8": mo.adamw_fp8(1e-3),
-          "mpxla adamw_fp8, nearest": mo.adamw_fp8(1e-3, rounding="nearest")}
+          "mpxla adamw_fp8, nearest": mo.adamw_fp8(1e-3, config=dict(rounding="nearest"))}
   states, compiled = {}, {}
   for name, opt in opts.items():
     states[name] = jax.jit(opt.init)(params)

@@ -45,18 +45,13 @@ Initializer = Callable[..., jax.Array]
 
 def feature_axes_of(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
   """Sorted non-negative feature axes; axis 0 (the batch) is not allowed."""
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  out = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(f"BatchNorm axis={axis!r} is out of range for an input of rank {ndim}.")
-    out.append(a % ndim)
+  out = stats.normalize_axes(ndim, axis, "BatchNorm axis")
   if 0 in out:
     raise ValueError(
         f"BatchNorm axis={axis!r} includes axis 0, the batch axis the statistics run over; "
         "put the batch first and the features elsewhere (default axis=-1)."
     )
-  return tuple(sorted(set(out)))
+  return out
 
 
 def batch_statistics(

@@ -46,9 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mpxla.formats import get_format
+from mpxla.formats import _bits, get_format
 from mpxla.optim import expansion as expansion_lib
-from mpxla.optim import fp8bits
 
 KeyPath = tuple[Any, ...]
 Overrides = (
@@ -227,8 +226,11 @@ def _settings_error(where: str, keys: Any) -> ValueError:
   return ValueError(f"{where}: unknown keys {sorted(keys)}; allowed: {list(_SETTINGS)}.")
 
 
-def make_config(config: LeafConfig | None = None, **settings: Any) -> LeafConfig:
-  """`config` (default LeafConfig()) with `settings` replaced, checked."""
+def make_config(config: LeafConfig | Mapping[str, Any] | None = None,
+                **settings: Any) -> LeafConfig:
+  """`config` (default LeafConfig(); a dict gives its fields) with `settings` replaced, checked."""
+  if isinstance(config, Mapping):
+    config, settings = None, {**config, **settings}
   unknown = set(settings) - set(_SETTINGS)
   if unknown:
     raise _settings_error("compress_states", unknown)
@@ -246,7 +248,7 @@ def _check_config(cfg: LeafConfig, where: str) -> LeafConfig:
   if cfg.rounding is not None and cfg.rounding not in _ROUNDINGS:
     raise ValueError(
         f"{where}: rounding must be one of {_ROUNDINGS} or None, got {cfg.rounding!r}.")
-  if cfg.rounding == "stochastic" and not fp8bits.supports(fmt):
+  if cfg.rounding == "stochastic" and not _bits.supports(fmt):
     raise ValueError(
         f"{where}: rounding='stochastic' supports fmt 'e4m3' and 'e5m2', not {fmt!r}; "
         "use rounding='nearest' with it."
@@ -258,7 +260,7 @@ def _rounding(cfg: LeafConfig) -> str:
   """cfg.rounding, with None resolved: 'stochastic' for E4M3 / E5M2, 'nearest' for HiF8."""
   if cfg.rounding is not None:
     return cfg.rounding
-  return "stochastic" if fp8bits.supports(cfg.fmt) else "nearest"
+  return "stochastic" if _bits.supports(cfg.fmt) else "nearest"
 
 
 def _apply(cfg: LeafConfig, changes: Mapping[str, Any] | None, where: str) -> LeafConfig:

@@ -20,7 +20,7 @@ i.e. 5 bytes per group instead of COAT's three float32 (12 bytes), and compute
   decode: x' = sign(q) * 2^(log2 amax + (log2|q| - log2 M) / k)
 
 in float32, exponents added in the log domain so nothing under- or overflows
-(per-element log2/exp2 from `fastmath` and E4M3/E5M2 conversions from `fp8bits`,
+(per-element log2/exp2 from `fastmath` and E4M3/E5M2 conversions from `formats._bits`,
 bit-exact with mpxla.formats, so XLA fuses the decode into each of its consumers
 instead of storing it). Policies (the fixes to COAT's reference code):
 
@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpxla.formats import Format, cast, get_format, upcast
-from mpxla.optim import fastmath, fp8bits
+from mpxla.formats import _bits
+from mpxla.optim import fastmath
 
 K_DENOM = 16  # k is stored on a 1/16 grid.
 K16_MIN = 1  # k >= 1/16.
@@ -200,16 +201,16 @@ def encode(
     # their stored amax is NaN.
     codes = _to_codes(jnp.where(ax == 0, x, jnp.where(x < 0, -t, t)), fmt)
   else:
-    if not fp8bits.supports(fmt.name):
+    if not _bits.supports(fmt):
       raise ValueError(f"stochastic rounding supports fmt 'e4m3' and 'e5m2', not {fmt.name!r}.")
-    lo = fp8bits.floor_code(t, fmt.name)
-    hi = jnp.minimum(lo + 1, fp8bits.MAX_CODE[fmt.name])
+    lo = _bits.floor_code(t, fmt)
+    hi = jnp.minimum(lo + 1, _bits.max_code(fmt))
     dec = _decode_params(k16, stored_amax, fmt)
-    d_lo = _magnitude(fp8bits.code_value(lo, fmt.name), stored_amax, dec, fmt)
-    d_hi = _magnitude(fp8bits.code_value(hi, fmt.name), stored_amax, dec, fmt)
+    d_lo = _magnitude(_bits.code_value(lo, fmt), stored_amax, dec, fmt)
+    d_hi = _magnitude(_bits.code_value(hi, fmt), stored_amax, dec, fmt)
     u = (bits >> 8).astype(jnp.float32) * 2.0**-24
     mag = jnp.where(u * (d_hi - d_lo) < ax - d_lo, hi, lo)  # P(hi) = p, without a division.
-    codes = fp8bits.with_sign(jnp.where(ax == 0, 0, mag), jnp.signbit(x), fmt.name)
+    codes = _bits.with_sign(jnp.where(ax == 0, 0, mag), jnp.signbit(x), fmt)
   return Encoded(codes=codes, k16=k16, amax=stored_amax)
 
 
@@ -248,14 +249,14 @@ def decode(enc: Encoded, fmt: str | Format = "e4m3", dtype=jnp.float32) -> jax.A
 
 
 def _to_codes(y: jax.Array, fmt: Format) -> jax.Array:
-  """cast(y, fmt) for |y| <= fmt.max (or NaN); bit arithmetic for E4M3/E5M2 (see fp8bits)."""
-  return fp8bits.to_fp8(y, fmt.name) if fp8bits.supports(fmt.name) else cast(y, fmt)
+  """cast(y, fmt) for |y| <= fmt.max (or NaN); bit arithmetic for E4M3/E5M2 (see formats._bits)."""
+  return _bits.to_fp8(y, fmt) if _bits.supports(fmt) else cast(y, fmt)
 
 
 def _from_codes(codes: jax.Array, fmt: Format) -> jax.Array:
   """upcast(codes, fmt) for finite codes."""
-  if fp8bits.supports(fmt.name):
-    return fp8bits.from_fp8(codes, fmt.name)
+  if _bits.supports(fmt):
+    return _bits.from_fp8(codes, fmt)
   return upcast(codes, fmt, jnp.float32)
 
 

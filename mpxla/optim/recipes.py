@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
 
-from mpxla.optim.compress import compress_states
+from mpxla.optim.compress import LeafConfig, Overrides, compress_states
 
 
 def adamw_fp8(
@@ -17,9 +17,11 @@ def adamw_fp8(
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
-    **compression: Any,
+    *,
+    config: LeafConfig | Mapping[str, Any] | None = None,
+    overrides: Overrides = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW with FP8 moments: `compress_states(optax.adamw(...), **compression)`.
+  """AdamW with FP8 moments: `compress_states(optax.adamw(...), config, overrides=...)`.
 
   Moments m, v follow optax.adamw (m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
   u = -lr (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)) and are stored
@@ -28,18 +30,15 @@ def adamw_fp8(
   Args:
     learning_rate: a float or an Optax schedule.
     b1, b2, eps, weight_decay, mask: as in `optax.adamw`.
-    **compression: `compress_states` keywords (config, overrides and the
-      LeafConfig fields fmt, expansion, group_size, min_size, compress, rounding).
-      Works under `optax.inject_hyperparams`, which passes them back as
-      `compression={...}`.
+    config: the storage settings, a `LeafConfig` or a dict of its fields
+      (e.g. `{'fmt': 'e5m2', 'rounding': 'nearest'}`); default `LeafConfig()`.
+    overrides: per-leaf settings, as in `compress`.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    An `optax.GradientTransformationExtraArgs`. Under `optax.inject_hyperparams`
+    the numeric arguments become hyperparameters and `config` stays static.
   """
-  nested = compression.pop("compression", None)
-  if nested is not None:  # Re-call by optax.inject_hyperparams: compression={...}.
-    compression = {**nested, **compression}
   inner = optax.adamw(
       learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
   )
-  return compress_states(inner, **compression)
+  return compress_states(inner, config, overrides=overrides)

@@ -138,17 +138,20 @@ def pmax(x, axis_name: AxisName):
   return jax.lax.pmax(x, manual) if manual else x
 
 
-def _axes(ndim: int, axis: int | Sequence[int] | None) -> tuple[int, ...]:
+def normalize_axes(ndim: int, axis: int | Sequence[int] | None,
+                   name: str = "axis") -> tuple[int, ...]:
+  """`axis` (None: all) as sorted non-negative axes; ValueError naming `name` if one is
+  out of range or repeated."""
   if axis is None:
     return tuple(range(ndim))
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   out = []
   for a in axes:
     if not -ndim <= a < ndim:
-      raise ValueError(f"axis {a} is out of range for an array of rank {ndim}.")
+      raise ValueError(f"{name}={axis!r}: axis {a} is out of range for an input of rank {ndim}.")
     out.append(a % ndim)
   if len(set(out)) != len(out):
-    raise ValueError(f"axis={axis!r} repeats an axis.")
+    raise ValueError(f"{name}={axis!r} repeats an axis.")
   return tuple(sorted(out))
 
 
@@ -176,7 +179,7 @@ def global_sum(
 ) -> jax.Array:
   """Sum over `axis` of the global batch (float32), masked by `where`."""
   check_global(x, axis_name, "global_sum")
-  axes = _axes(x.ndim, axis)
+  axes = normalize_axes(x.ndim, axis)
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
   return psum(jnp.sum(xf if w is None else xf * w, axes), axis_name)
@@ -187,7 +190,7 @@ def global_mean(
 ) -> jax.Array:
   """Mean over `axis` of the global batch (float32); entries with nothing unmasked give 0."""
   check_global(x, axis_name, "global_mean")
-  axes = _axes(x.ndim, axis)
+  axes = normalize_axes(x.ndim, axis)
   view = batch_view(axis_name)
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
@@ -214,7 +217,7 @@ def global_mean_and_var(
   max(mean(x^2) - mean^2, 0) (one collective). Entries with nothing unmasked give 0, 0.
   """
   check_global(x, axis_name, "global_mean_and_var")
-  axes = _axes(x.ndim, axis)
+  axes = normalize_axes(x.ndim, axis)
   view = batch_view(axis_name)
   w = _mask(x, where)
   xf = x.astype(jnp.float32)

@@ -23,7 +23,7 @@ _ADAMW8_UPDATE = jax.jit(_ADAMW8.update)  # Shared: one compilation for several 
 # Round to nearest: the elementwise comparisons with float32 below (after a few steps, stochastic
 # rounding moves a few elements in 4096 by up to 2x the atol; see test_optim_rounding.py).
 _NEAREST = {"rounding": "nearest"}
-_ADAMW8N = mo.adamw_fp8(1e-2, **_NEAREST)
+_ADAMW8N = mo.adamw_fp8(1e-2, config=_NEAREST)
 
 
 def _params():
@@ -263,7 +263,7 @@ def test_masked_and_multi_transform():
 def test_inject_hyperparams_both_ways():
   params = _params()
   g = _grads(params, 0)
-  outer = optax.inject_hyperparams(mo.adamw_fp8)(learning_rate=0.1, group_size=64)
+  outer = optax.inject_hyperparams(mo.adamw_fp8)(learning_rate=0.1, config=dict(group_size=64))
   state = outer.init(params)
   assert state.inner_state[0].mu["w"].group_size == 64
   update = jax.jit(outer.update)  # One program; the learning rate is state, not a constant.

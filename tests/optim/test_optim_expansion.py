@@ -10,7 +10,8 @@ import pytest
 
 from mpxla.formats import cast, get_format, upcast
 from mpxla.optim import expansion as ex
-from mpxla.optim import fastmath, fp8bits
+from mpxla.formats import _bits as fp8bits
+from mpxla.optim import fastmath
 
 F32_MAX = float(np.finfo(np.float32).max)
 

@@ -24,7 +24,7 @@ from mesh_matrix import cells  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest)")
 
-_OPT = mo.adamw_fp8(1e-2, min_size=256)
+_OPT = mo.adamw_fp8(1e-2, config=dict(min_size=256))
 
 
 def params():

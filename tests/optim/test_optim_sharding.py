@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax",
 )
 
-_OPT = mo.adamw_fp8(1e-2, min_size=1024)
+_OPT = mo.adamw_fp8(1e-2, config=dict(min_size=1024))
 _STEPS = 3
 
 
