@@ -1,26 +1,59 @@
-"""A top-k router and a small mixture-of-experts SwiGLU MLP, for Linen and NNX.
+"""A top-k router and a mixture-of-experts SwiGLU MLP, for Linen and NNX.
 
 Router: logits = x @ W_r (float32), probs = softmax(logits), the k largest probs pick the
 experts; their weights are the probs, renormalized to sum to 1 if `normalize_weights`.
 
-MoE MLP: y = sum_{j<k} w_j * E_{i_j}(x) with SwiGLU experts
-E_e(x) = (silu(x @ G_e) * (x @ U_e)) @ D_e. Dispatch is dense: every expert runs on every
-token and the combine weights (zero off the top k) select, so the result is exact and
-any sharding works (experts shard over the 'expert' mesh axis with `partitioned=True`), at
-num_experts times the FLOPs of one expert: meant for small models and tests, not for
-large expert counts.
+MoE MLP: y_t = sum_{j<k} keep_{t,j} * w_{t,j} * E_{i_{t,j}}(x_t) with SwiGLU experts
+E_e(x) = (silu(x @ G_e) * (x @ U_e)) @ D_e.
+
+Dispatch (`dispatch=`):
+
+  'sparse' (default)  the (token, slot) pairs of a dispatch group are sorted by expert
+                      (stable `argsort`: batch order inside an expert), each expert's
+                      contiguous rows go through its SwiGLU as one grouped matmul
+                      (`group_sizes_E` = pairs per expert), the rows are scaled by their
+                      router weight and scatter-added back to their tokens. Cost:
+                      k * T * 3 * D * F multiply-adds (times E on XLA:CPU with
+                      'ragged_dot', see `grouped_matmul`), independent of E.
+  'dense'             the reference: every expert on every token, the combine weights
+                      (zero off the top k) select; E times the FLOPs of one expert.
+
+Grouped matmul of the sparse dispatch (`grouped_matmul=`):
+
+  'ragged_dot' (default)  `jax.lax.ragged_dot`: the native grouped matmul on GPU/TPU.
+                          XLA:CPU lowers it as a masked dense dot over all E groups (the
+                          FLOPs of 'dense').
+  'blocks'                each expert's rows padded to a multiple of `block_size` rows;
+                          block n multiplies [block_size, D] by its expert's [D, F]
+                          (gathered): FLOPs (k T + E block_size) * D * F per matmul on every
+                          backend. `block_size=None` picks the largest power of two
+                          <= k S / (4 E) (at most 128), so padding adds <= 25 %.
+
+Dispatch groups: with x of rank >= 3 ([B, ..., D]) every row of the leading axis is its own
+group (sorted independently, vmapped), so a batch sharded over its leading axis never
+moves; a rank-2 x [S, D] is one group. Dropless results do not depend on the grouping.
+
+Capacity (`capacity_factor`, None = dropless): each expert takes at most
+C = ceil(capacity_factor * S * k / E) pairs per group of S tokens; pairs are admitted in
+batch order (token-major, then slot), so the later tokens are dropped first. A dropped pair
+contributes nothing (its token keeps the other slots). Masked (padding) tokens take no
+capacity: with a capacity they are not dispatched (their output is 0); dropless they are
+computed as any token. The fraction of unmasked pairs dropped (of this call, this device)
+goes to 'intermediates' as 'dropped_fraction'. The 'dense' reference applies the same drops.
 
 The layer adds the load-balancing loss of mpxla.parallel.moe (scope `lbl_scope`, over the
 batch axes `axis_name`) to the 'intermediates' collection as 'aux_loss' (Linen `sow`,
 NNX `nnx.Intermediate`); it is a per-device share inside shard_map (see
-mpxla.parallel.moe). With `accumulate_counts=True` the expert counts of the current
-optimizer step accumulate in a buffer (Linen collection 'moe_counts', NNX `ExpertCounts`
-variables) across gradient-accumulation micro-steps; zero it after every optimizer step
+mpxla.parallel.moe). Its counts are the routed pairs before any drop. With
+`accumulate_counts=True` the expert counts of the current optimizer step accumulate in a
+buffer (Linen collection 'moe_counts', NNX `ExpertCounts` variables) across
+gradient-accumulation micro-steps; zero it after every optimizer step
 (`mpxla.parallel.moe.reset_count_buffer` on the collection, `reset_expert_counts` for NNX).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +61,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mpxla.parallel import moe as pmoe
 from mpxla.parallel.stats import AxisName
+from mpxla.quant.sharding import auto_regroup
 
 Initializer = Callable[..., jax.Array]
 _default_init = nn.initializers.lecun_normal()
@@ -75,13 +110,183 @@ def combine_weights(weights: jax.Array, indices: jax.Array, num_experts: int) ->
 
 
 def experts_swiglu(x, gate_ExDxF, up_ExDxF, down_ExFxD, combine_E, dtype):
-  """sum_e combine_e * (silu(x G_e) * (x U_e)) D_e, every expert on every token."""
+  """Dense reference: sum_e combine_e * (silu(x G_e) * (x U_e)) D_e, every expert on every token."""
   xd = x.astype(dtype)
   g = jnp.einsum("...d,edf->...ef", xd, gate_ExDxF.astype(dtype))
   u = jnp.einsum("...d,edf->...ef", xd, up_ExDxF.astype(dtype))
   h = jax.nn.silu(g) * u
   out = jnp.einsum("...ef,efd->...ed", h, down_ExFxD.astype(dtype))
   return jnp.einsum("...ed,...e->...d", out, combine_E.astype(dtype))
+
+
+DISPATCHES = ("sparse", "dense")
+GROUPED_MATMULS = ("ragged_dot", "blocks")
+
+
+def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
+  """ValueError naming the argument for an unknown dispatch or a bad capacity / block size."""
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}.")
+  if grouped_matmul not in GROUPED_MATMULS:
+    raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}.")
+  if capacity_factor is not None and not (
+      isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+    raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}.")
+  if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+    raise ValueError(f"block_size must be None or a positive int, got {block_size!r}.")
+
+
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
+  """C = ceil(capacity_factor * tokens * top_k / num_experts) pairs per expert."""
+  return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
+def capacity_keep(indices_SxK, valid_S, num_experts, capacity):
+  """keep [S, K] bool: the pair's rank among its expert's valid pairs (token-major) < C.
+
+  capacity=None keeps every pair (padding included); otherwise invalid tokens are dropped
+  and take no capacity.
+  """
+  if capacity is None:
+    return jnp.ones(indices_SxK.shape, bool)
+  valid_SxK = jnp.broadcast_to(valid_S[:, None], indices_SxK.shape)
+  hot_MxE = jax.nn.one_hot(indices_SxK.reshape(-1), num_experts, dtype=jnp.int32)
+  hot_MxE = hot_MxE * valid_SxK.reshape(-1, 1).astype(jnp.int32)
+  rank_M = jnp.sum(jnp.cumsum(hot_MxE, axis=0) * hot_MxE, axis=-1) - 1
+  return (valid_SxK.reshape(-1) & (rank_M < capacity)).reshape(indices_SxK.shape)
+
+
+def auto_block_size(rows: int, num_experts: int) -> int:
+  """The largest power of two <= rows / (4 E), in [1, 128]: padding <= 25 % of the rows."""
+  target = max(rows // (4 * num_experts), 1)
+  return min(1 << (target.bit_length() - 1), 128)
+
+
+def block_layout(group_sizes_E, rows, block):
+  """(pos_M, expert_N): sorted row -> padded row, expert of each of N = ceil(rows/B) + E blocks.
+
+  Expert e's rows [s_e, s_e + n_e) go to [p_e, p_e + n_e), p_e = sum_{e'<e} ceil(n_e'/B) B.
+  Rows past sum(n) (dropped pairs) map out of range; unused blocks get expert E - 1.
+  """
+  e = group_sizes_E.shape[0]
+  nblocks = -(-rows // block) + e
+  padded_E = (group_sizes_E + block - 1) // block * block
+  start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+  pstart_E = jnp.cumsum(padded_E) - padded_E
+  row_M = jnp.arange(rows)
+  expert_M = jnp.sum(row_M[:, None] >= jnp.cumsum(group_sizes_E)[None, :], axis=-1)
+  safe_M = jnp.minimum(expert_M, e - 1)
+  pos_M = jnp.where(expert_M < e, pstart_E[safe_M] + row_M - start_E[safe_M], nblocks * block)
+  bend_E = jnp.cumsum(padded_E) // block
+  expert_N = jnp.minimum(jnp.sum(jnp.arange(nblocks)[:, None] >= bend_E[None, :], -1), e - 1)
+  return pos_M, expert_N
+
+
+_GROUPED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([2], [1]), ([], [])), lhs_ragged_dimensions=[1],
+    rhs_group_dimensions=[0])
+
+
+def ragged_matmul(x_GxMxK, w_ExKxN, group_sizes_GxE):
+  """out[g, r] = x[g, r] @ w[e] for row r in group e of dispatch group g (`ragged_dot`)."""
+  return jax.lax.ragged_dot_general(x_GxMxK, w_ExKxN, group_sizes_GxE, _GROUPED_DIMS)
+
+
+def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *,
+                   impl="ragged_dot", block_size=None):
+  """Rows sorted by expert: row r of expert group e -> (silu(x_r G_e) * (x_r U_e)) D_e.
+
+  G dispatch groups, each with its own group sizes; rows past sum(group_sizes) give 0.
+  """
+  if impl == "ragged_dot":
+    g = ragged_matmul(x_GxMxD, gate_ExDxF, group_sizes_GxE)
+    u = ragged_matmul(x_GxMxD, up_ExDxF, group_sizes_GxE)
+    return ragged_matmul(jax.nn.silu(g) * u, down_ExFxD, group_sizes_GxE)
+  ng, rows, d = x_GxMxD.shape
+  block = block_size or auto_block_size(rows, gate_ExDxF.shape[0])
+  nblocks = -(-rows // block) + gate_ExDxF.shape[0]
+  pos_GxM, expert_GxN = jax.vmap(lambda gs: block_layout(gs, rows, block))(group_sizes_GxE)
+  xb = jax.vmap(lambda x, p: jnp.zeros((nblocks * block, d), x.dtype).at[p].set(x, mode="drop"))(
+      x_GxMxD, pos_GxM)
+  xb_NxBxD = xb.reshape(ng * nblocks, block, d)
+  expert_N = expert_GxN.reshape(-1)
+  g = jnp.einsum("nbd,ndf->nbf", xb_NxBxD, gate_ExDxF[expert_N])
+  u = jnp.einsum("nbd,ndf->nbf", xb_NxBxD, up_ExDxF[expert_N])
+  out_NxBxD = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, down_ExFxD[expert_N])
+  out_GxPxD = out_NxBxD.reshape(ng, nblocks * block, d)
+  return jax.vmap(lambda o, p: o.at[p].get(mode="fill", fill_value=0))(out_GxPxD, pos_GxM)
+
+
+def sort_pairs(indices_SxK, keep_SxK, num_experts):
+  """(order_M, group_sizes_E): pairs (M = S K, token-major) stably sorted by expert, dropped
+  pairs last."""
+  key_M = jnp.where(keep_SxK, indices_SxK, num_experts).reshape(-1)
+  order_M = jnp.argsort(key_M, stable=True)
+  return order_M, jnp.sum(jax.nn.one_hot(key_M, num_experts, dtype=jnp.int32), axis=0)
+
+
+def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF, up_ExDxF,
+                  down_ExFxD, *, impl="ragged_dot", block_size=None):
+  """y_t = sum_j keep_tj w_tj E_{i_tj}(x_t), per dispatch group, by sorting pairs by expert.
+
+  In each group the pairs (t, j), M = S K of them, are ordered by expert (`sort_pairs`),
+  x_{t(r)} gathered, put through `grouped_swiglu`, scaled by w and scatter-added back to
+  their tokens (the inverse permutation).
+  """
+  k = indices_GxSxK.shape[-1]
+  order_GxM, group_sizes_GxE = jax.vmap(sort_pairs, (0, 0, None))(
+      indices_GxSxK, keep_GxSxK, gate_ExDxF.shape[0])
+  token_GxM = order_GxM // k
+  x_GxMxD = jnp.take_along_axis(x_GxSxD, token_GxM[..., None], axis=1)
+  y_GxMxD = grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE,
+                           impl=impl, block_size=block_size)
+
+  def combine(y_MxD, order_M, token_M, w_SxK, keep_SxK):
+    keep_M = keep_SxK.reshape(-1)[order_M]
+    w_M = w_SxK.reshape(-1)[order_M].astype(y_MxD.dtype)
+    y_MxD = jnp.where(keep_M[:, None], y_MxD * w_M[:, None], 0)
+    return jnp.zeros((keep_SxK.shape[0], y_MxD.shape[-1]), y_MxD.dtype).at[token_M].add(y_MxD)
+
+  return jax.vmap(combine)(y_GxMxD, order_GxM, token_GxM, weights_GxSxK, keep_GxSxK)
+
+
+def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, dtype,
+                dispatch="sparse", capacity_factor=None, grouped_matmul="ragged_dot",
+                block_size=None):
+  """The expert part of the MoE layer: (y [..., D] in `dtype`, dropped pairs, valid pairs).
+
+  x [..., D], weights/indices [..., K], mask [...] or None. Groups: see the module doc.
+  """
+  e = gate_ExDxF.shape[0]
+  lead, d, k = x.shape[:-1], x.shape[-1], indices.shape[-1]
+  grouped = x.ndim >= 3
+  g = lead[0] if grouped else 1
+  s = math.prod(lead) // g if g else 0
+  valid = jnp.ones(lead, bool) if mask is None else jnp.asarray(mask, bool)
+  capacity = None if capacity_factor is None else expert_capacity(capacity_factor, s, k, e)
+  wts = (gate_ExDxF.astype(dtype), up_ExDxF.astype(dtype), down_ExFxD.astype(dtype))
+
+  def run(x_, w_, i_, v_, wts):
+    x_g, w_g = x_.reshape(g, s, d).astype(dtype), w_.reshape(g, s, k)
+    i_g, v_g = i_.reshape(g, s, k), v_.reshape(g, s)
+    keep = jax.vmap(capacity_keep, (0, 0, None, None))(i_g, v_g, e, capacity)
+    if dispatch == "dense":
+      combine = combine_weights(jnp.where(keep, w_g, 0), i_g, e)
+      y = experts_swiglu(x_g, *wts, combine, dtype)
+    else:
+      y = sparse_swiglu(x_g, w_g, i_g, keep, *wts, impl=grouped_matmul, block_size=block_size)
+    dropped = jnp.sum(v_g[..., None] & ~keep) if capacity is not None else jnp.int32(0)
+    return y.reshape(*lead, d).astype(dtype), dropped
+
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  out_specs = (P(*spec) if spec is not None else P(), P())
+  y, dropped = auto_regroup(run, x, weights, indices, valid, wts, out_specs=out_specs)
+  return y, dropped, jnp.sum(valid) * k
+
+
+def dropped_fraction(dropped, pairs):
+  """dropped / pairs as float32 (0 when there are no valid pairs)."""
+  return dropped.astype(jnp.float32) / jnp.maximum(pairs, 1).astype(jnp.float32)
 
 
 def _lbl(probs, indices, num_experts, scope, axis_name, mask, buffer):
@@ -127,6 +332,10 @@ class MoE(nn.Module):
     accumulate_counts: keep the gradient-accumulation count buffer ('moe_counts').
     normalize_weights: renormalize the top-k weights to sum to 1.
     partitioned: attach logical axis names ('exp', 'embed', 'mlp') to the kernels.
+    dispatch: 'sparse' (sorted tokens, grouped matmuls; default) | 'dense' (reference).
+    capacity_factor: None (dropless) or > 0: C = ceil(capacity_factor * S * k / E).
+    grouped_matmul: 'ragged_dot' | 'blocks' (the sparse dispatch's grouped matmul).
+    block_size: rows per block of 'blocks' (None: automatic).
   """
 
   num_experts: int
@@ -140,9 +349,15 @@ class MoE(nn.Module):
   normalize_weights: bool = True
   kernel_init: Initializer = _default_init
   partitioned: bool = False
+  dispatch: str = "sparse"
+  capacity_factor: float | None = None
+  grouped_matmul: str = "ragged_dot"
+  block_size: int | None = None
 
   @nn.compact
   def __call__(self, x, mask=None):
+    check_dispatch_args(self.dispatch, self.grouped_matmul, self.capacity_factor,
+                        self.block_size)
     d, e, f = x.shape[-1], self.num_experts, self.d_ff
     weights, indices, probs = TopKRouter(
         e, self.top_k, self.normalize_weights, self.dtype, self.param_dtype, self.kernel_init,
@@ -168,8 +383,13 @@ class MoE(nn.Module):
       buffer.value = new_counts
     self.sow("intermediates", "aux_loss", loss)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    y = experts_swiglu(x, gate, up, down, combine_weights(weights, indices, e), dtype)
-    return y.astype(dtype)
+    y, dropped, pairs = moe_experts(
+        x, weights, indices, mask, gate, up, down, dtype=dtype, dispatch=self.dispatch,
+        capacity_factor=self.capacity_factor, grouped_matmul=self.grouped_matmul,
+        block_size=self.block_size)
+    if self.capacity_factor is not None:
+      self.sow("intermediates", "dropped_fraction", dropped_fraction(dropped, pairs))
+    return y
 
 
 class ExpertCounts(nnx.Variable):
@@ -212,13 +432,17 @@ class NNXTopKRouter(nnx.Module):
 
 
 class NNXMoE(nnx.Module):
-  """NNX MoE SwiGLU MLP (see `MoE`); the loss goes to `nnx.Intermediate` 'aux_loss'."""
+  """NNX MoE SwiGLU MLP (see `MoE`); the loss goes to `nnx.Intermediate` 'aux_loss'
+  (and, with a capacity, 'dropped_fraction')."""
 
   def __init__(self, in_features: int, num_experts: int, d_ff: int, top_k: int = 2, *,
                dtype: Any = None, param_dtype: Any = jnp.float32, lbl_scope: str = "global",
                axis_name: AxisName = None, accumulate_counts: bool = False,
                normalize_weights: bool = True, kernel_init: Initializer = _default_init,
-               partitioned: bool = False, rngs: nnx.Rngs):
+               partitioned: bool = False, dispatch: str = "sparse",
+               capacity_factor: float | None = None, grouped_matmul: str = "ragged_dot",
+               block_size: int | None = None, rngs: nnx.Rngs):
+    check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size)
     e, d, f = num_experts, in_features, d_ff
     self.router = NNXTopKRouter(d, e, top_k, normalize_weights=normalize_weights, dtype=dtype,
                                 param_dtype=param_dtype, kernel_init=kernel_init,
@@ -236,6 +460,10 @@ class NNXMoE(nnx.Module):
     self.param_dtype = param_dtype
     self.lbl_scope = lbl_scope
     self.axis_name = axis_name
+    self.dispatch = dispatch
+    self.capacity_factor = capacity_factor
+    self.grouped_matmul = grouped_matmul
+    self.block_size = block_size
 
   def __call__(self, x, mask=None):
     e = self.num_experts
@@ -246,6 +474,10 @@ class NNXMoE(nnx.Module):
       self.counts[...] = new_counts
     self.sow(nnx.Intermediate, "aux_loss", loss)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    y = experts_swiglu(x, self.gate[...], self.up[...], self.down[...],
-                       combine_weights(weights, indices, e), dtype)
-    return y.astype(dtype)
+    y, dropped, pairs = moe_experts(
+        x, weights, indices, mask, self.gate[...], self.up[...], self.down[...], dtype=dtype,
+        dispatch=self.dispatch, capacity_factor=self.capacity_factor,
+        grouped_matmul=self.grouped_matmul, block_size=self.block_size)
+    if self.capacity_factor is not None:
+      self.sow(nnx.Intermediate, "dropped_fraction", dropped_fraction(dropped, pairs))
+    return y
