@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import harness as H
+
+H.set_xla_flags(None, "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -74,14 +74,9 @@ class MLPStack(nn.Module):
     return x
 
 
-def rotary(x_BxTxHxE, theta=10_000.0):
-  """Rotary embedding (rotate-half), positions 0..T-1, computed in float32."""
-  half = x_BxTxHxE.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_Tx1xE2 = jnp.arange(x_BxTxHxE.shape[1], dtype=jnp.float32)[:, None, None] * freq
-  sin, cos = jnp.sin(angle_Tx1xE2), jnp.cos(angle_Tx1xE2)
-  x1, x2 = jnp.split(x_BxTxHxE.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxTxHxE.dtype)
+def rotary(x_BxTxHxE):
+  """mpxla's rotary embedding (rotate-half) at positions 0..T-1."""
+  return mpxla_attention.rotary_embedding(x_BxTxHxE, jnp.arange(x_BxTxHxE.shape[1]))
 
 
 def stock_attention(q, k, v):

@@ -81,14 +81,10 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
         variants=VARIANTS, command: str | None = None) -> dict[str, Any]:
   """Trains every (lr, variant, seed) and writes out_dir/results.json."""
-  if not variants or any(v not in VARIANTS for v in variants):
-    raise ValueError(f"variants={variants!r}: choose from {VARIANTS}.")
-  H.require_devices(NAME, DEVICES)
+  H.check_choice("variants", variants, VARIANTS)
+  out_dir, s, start = H.begin(NAME, quick, out_dir, DEVICES, steps=steps, seeds=seeds)
   from mpxla.data.digits import Digits  # pylint: disable=import-outside-toplevel
 
-  out_dir = pathlib.Path(out_dir)
-  s = H.settings(NAME, quick, steps=steps, seeds=seeds)
-  start = H.clock()
   runs = H.sweep(lambda lr, seed, v: train_one(v, seed, lr, s, out_dir / "runs" / f"{v}_lr{lr:.1e}_s{seed}"),
                  NAME, lambda r: f"lr {r['lr']:.2e} {r['variant']:6s} seed {r['seed']}: val acc "
                  f"{r['final_val_accuracy']:.4f} loss {r['final_val_loss']:.4f} ({r['cpu_s']} CPU s)",
@@ -141,8 +137,8 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
 
 def render(out_dir: pathlib.Path) -> str:
   out_dir, res = H.load(out_dir)
-  plot(res, out_dir / "ghost_bn_val.png")
   s = res["settings"]
+  plot(res, out_dir / "ghost_bn_val.png")
   lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, {res['wall_time_s'] / 60:.1f} "
                           f"min wall on {res['cpu_count']} shared CPU cores") + [
       f"`mpxla.train.Trainer` on `{res['config']}:VARIANT`, 8 simulated CPU devices (mesh "

@@ -79,8 +79,13 @@ def set_xla_flags(devices: int | None = None, *flags: str) -> None:
     flags = (f"--xla_force_host_platform_device_count={devices}", *flags)
   os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(old + list(flags)))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+  importable()
+
+
+def importable() -> None:
+  """mpxla importable (PYTHONPATH, an installed package, else this checkout)."""
+  if importlib.util.find_spec("mpxla") is None:
+    sys.path.append(str(ROOT))
 
 
 def require_devices(script: str, n: int) -> None:
@@ -124,6 +129,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   for k, v in tree.items():
     out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
   return out
+
+
+def begin(name: str, quick: bool, out_dir, devices: int | None = None, **given):
+  """(out_dir as a Path, the settings, the clock) of a run; checks the device count first."""
+  if devices:
+    require_devices(name, devices)
+  return pathlib.Path(out_dir), settings(name, quick, **given), clock()
+
+
+def check_choice(kind: str, values, allowed) -> None:
+  """Raises ValueError unless `values` is a nonempty selection of `allowed`."""
+  if not values or any(v not in allowed for v in values):
+    raise ValueError(f"{kind}={tuple(values or ())!r}: choose from {tuple(allowed)}.")
 
 
 def trainer_config(spec: str, *overrides: dict[str, Any]):

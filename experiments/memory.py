@@ -1,6 +1,6 @@
-"""1. Memory breakdown, ahead of time: the real train step compiled for an 8-device FSDP mesh.
+"""Memory breakdown, ahead of time: the real train step compiled for an 8-device FSDP mesh.
 
-Commands (run from the repository root):
+Settings: configs/experiments/memory.py. Commands (run from the repository root):
   python experiments/memory.py                      # the section -> experiments/results/memory/
   python experiments/memory.py --quick --out DIR    # miniature: a tiny model, all four recipes
   python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import re
 import shlex
 import shutil
@@ -58,41 +56,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import _common  # experiments/_common.py
+import harness as H
 
 NAME = "memory"
 TITLE = "1. Memory breakdown (AOT, 8-device FSDP)"
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = H.ROOT
 CONFIG = "configs/llama_memory.py"
-SIZES = ("125m", "350m", "1b")
 RECIPES = ("bf16", "fp8_linear", "coat", "hif8")
 DEVICES = 8
-TABLE_BATCH = 4  # sequences (of 2048 tokens) per device in the table
-BUDGET = 80e9  # bytes per device (an 80 GB accelerator); GB = 1e9 bytes throughout
-# Whose largest batch is searched (the goal's pair first: a long run can be resumed with --resume).
-SEARCH = dict(sizes=("1b",), recipes=("bf16", "coat", "hif8", "fp8_linear"))
-# --quick: a few-M-parameter model (one layer, seq 256), every recipe, no batch search.
-QUICK = dict(size="tiny", batch=2, budget=1e9, search=dict(sizes=(), recipes=()))
 FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",  # memory-minimizing schedule
          "--xla_backend_optimization_level=0",  # LLVM code generation only: same buffers, faster
          "--xla_llvm_disable_expensive_passes=true")
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
 
-# --- environment (before JAX is imported) -------------------------------------------------------
-
 def setup_env(devices: int, dump_dir: pathlib.Path | None = None) -> None:
   """XLA_FLAGS for `devices` simulated CPU devices, the memory-minimizing schedule and (optional)
   buffer live-range dumps of the train step. Must run before JAX is imported."""
-  if "jax" in sys.modules:
-    raise RuntimeError("setup_env must run before jax is imported (XLA reads XLA_FLAGS once).")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith(("--xla_force_host_platform_device_count=", "--xla_dump_to="))]
-  flags += [f"--xla_force_host_platform_device_count={devices}", *FLAGS]
-  if dump_dir is not None:
-    flags += [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_module_re=.*train_step.*"]
-  os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(flags))
+  os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                     if not f.startswith("--xla_dump_to="))
+  dump = [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_module_re=.*train_step.*"] if dump_dir else []
+  H.set_xla_flags(devices, *FLAGS, *dump)
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the SPMD partitioner's warnings flood stderr
 
@@ -329,7 +314,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   snapshot of mpxla/ taken at the start; the batch searches of different recipes run side by
   side. Every measurement is also appended to
   out_dir/runs/measurements.jsonl; resume=True reuses the ones found there (same config, recipe,
-  batch and `source_hash()`) instead of compiling again.
+  batch and `H.source_hash`) instead of compiling again.
   """
   import concurrent.futures
   import resource
@@ -340,9 +325,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   out_dir = pathlib.Path(out_dir)
   (out_dir / "runs").mkdir(parents=True, exist_ok=True)
   _import_all()
-  git = _git_state()
   src = _snapshot(out_dir) if jobs > 1 else ROOT
-  source = source_hash(src)
+  source = H.source_hash(src, CONFIG)
   cache_path = out_dir / "runs" / "measurements.jsonl"
   cache, lock = {}, threading.Lock()
   if resume and cache_path.exists():
@@ -371,10 +355,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
     return ru.ru_utime + ru.ru_stime
 
   wall, cpu = time.time(), time.process_time() + children_cpu()
-  sizes = (QUICK["size"],) if quick else SIZES
-  batch = QUICK["batch"] if quick else TABLE_BATCH
-  budget = QUICK["budget"] if quick else BUDGET
-  search = QUICK["search"] if quick else SEARCH
+  st = H.settings(NAME, quick)
+  sizes, batch, budget = st["sizes"], st["batch"], st["budget"]
 
   def table_row(size, recipe):
     row = measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True)
@@ -402,25 +384,19 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
     todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES]
     done = dict(zip(todo, pool.map(lambda a: table_row(*a), todo), strict=True))
     rows = [done[(size, recipe)] for size in sizes for recipe in RECIPES]
-    todo = [(size, recipe) for size in search["sizes"] for recipe in search["recipes"]]
+    todo = [(size, recipe) for size in st["search_sizes"] for recipe in st["search_recipes"]]
     searches = list(pool.map(lambda a: search_batch(*a), todo))
-  results = {
-      "name": NAME, "quick": quick,
-      "command": _command(out_dir, quick, jobs),
-      "jax_version": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+  return H.save(out_dir, {
+      "name": NAME, "quick": quick, **H.metadata((wall, cpu), _command(out_dir, quick, jobs)),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
-      "git": git, "source_hash": source,
+      "source_hash": source,
       # jobs > 1: each subprocess imports mpxla when it starts; a change mid-run shows here.
-      "source_changed_during_run": source_hash(src) != source,
+      "source_changed_during_run": H.source_hash(src, CONFIG) != source,
       "table_batch": batch, "budget": budget, "rows": rows, "searches": searches,
       "wall_s": round(time.time() - wall, 1),
       "cpu_s": round(time.process_time() + children_cpu() - cpu, 1),
       "compiles": len(cache),
-      "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1),
-  }
-  (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-  return results
+      "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1)})
 
 
 def _measure_subprocess(spec: str, recipe: str, batch: int, explain: bool,
@@ -446,17 +422,6 @@ def _command(out_dir: pathlib.Path, quick: bool, jobs: int = 1) -> str:
   return shlex.join(cmd + (["--quick"] if quick else []))
 
 
-def source_hash(src: pathlib.Path = ROOT) -> str:
-  """sha256 (12 hex digits) of src/mpxla/**/*.py and the config: the code the figures come from."""
-  import hashlib
-
-  h = hashlib.sha256()
-  for path in sorted((src / "mpxla").rglob("*.py")):
-    h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
-  h.update(CONFIG.encode() + b"\0" + (ROOT / CONFIG).read_bytes())
-  return h.hexdigest()[:12]
-
-
 def _snapshot(out_dir: pathlib.Path) -> pathlib.Path:
   """A copy of mpxla/ under out_dir/runs/src that the subprocesses import (PYTHONPATH), so that
   every measurement of a run uses the same code even if the working tree changes meanwhile."""
@@ -468,28 +433,12 @@ def _snapshot(out_dir: pathlib.Path) -> pathlib.Path:
 
 def _import_all() -> None:
   """Imports every mpxla module a train step may use, so that the whole run uses the code that
-  `source_hash()` saw at its start even if files change while it runs."""
+  `H.source_hash` saw at its start even if files change while it runs."""
   import mpxla.attention  # noqa: F401
   import mpxla.models  # noqa: F401
   import mpxla.nn  # noqa: F401
   import mpxla.optim  # noqa: F401
   import mpxla.train.trainer  # noqa: F401
-
-
-def _git_state() -> dict[str, Any]:
-  """The commit and the files of mpxla/ that differ from it (the figures depend on both)."""
-  import subprocess
-
-  def git(*args):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30).stdout
-
-  try:
-    status = git("status", "--porcelain", "--", "mpxla").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
-            "modified": [ln.strip() for ln in status]}
-  except (OSError, subprocess.SubprocessError):
-    return {}
 
 
 def _log(text: str) -> None:
@@ -509,7 +458,7 @@ def _unit(rows: list[dict]) -> tuple[float, str]:
 
 def render(out_dir: pathlib.Path) -> str:
   """The markdown of the section from out_dir/results.json (and its PNGs)."""
-  out_dir, res = _common.load_results(out_dir)
+  out_dir, res = H.load(out_dir)
   rows = res["rows"]
   searches = sorted(res["searches"], key=lambda s: (s["size"], RECIPES.index(s["recipe"])))
   scale, unit = _unit(rows)
@@ -534,93 +483,38 @@ def render(out_dir: pathlib.Path) -> str:
       f"32000, untied head, attention `impl='auto'`) at {batch} sequences of {seq} tokens per "
       f"device ({batch * first['devices']} per step), with abstract inputs only, and reads XLA's "
       f"buffer assignment. {unit} per device (1 {unit} = 10^{round(math.log10(scale))} bytes):",
-      "",
-      "| model | recipe | params | grads | optimizer | activations | peak | bf16 peak / peak |",
-      "|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
+      ""]
+  table = []
   for size in sizes:
     base = by.get((size, "bf16"))
-    for recipe in RECIPES:
-      r = by.get((size, recipe))
-      if r is None:
-        continue
-      ratio = f"{base['peak'] / r['peak']:.2f}x" if base else "-"
-      name = f"{size} ({r['n_params'] / 1e6:,.0f}M)" if recipe == RECIPES[0] else ""
-      lines.append(f"| {name} | `{recipe}` | " + " | ".join(fmt(r[k]) for k in KEYS) +
-                   f" | {ratio} |")
-  lines += [
-      "",
-      "Definitions: params and optimizer are the per-device shards of the train state (float32 "
-      "master weights; AdamW's float32 moments, or `adamw_fp8`'s E4M3 codes with per-group "
-      "expansion); grads are the float32 gradients' per-device shards (they live in the step's "
-      "temporaries); peak = arguments + outputs + temp - aliased (the donated state is aliased); "
-      "activations = temp - grads, i.e. everything else the step allocates: the tensors saved for "
-      "the backward pass, transients such as the logits and attention blocks, all-gathered FSDP "
-      "weights and the optimizer update's temporaries (temp is XLA's packed temp allocation under "
-      "the memory-minimizing schedule, fragmentation included). The rest of the peak (the batch "
-      f"and the metrics) is at most {max(r['other'] for r in rows) / 1e3:.0f} kB.",
-      "",
-      f"![per-device memory by recipe]({plots['breakdown']})",
-      "",
-  ]
+    for recipe in (x for x in RECIPES if (size, x) in by):
+      r = by[size, recipe]
+      table.append([f"{size} ({r['n_params'] / 1e6:,.0f}M)" if recipe == RECIPES[0] else "",
+                    f"`{recipe}`"] + [fmt(r[k]) for k in KEYS]
+                   + [f"{base['peak'] / r['peak']:.2f}x" if base else "-"])
+  lines += H.table(["model", "recipe", "params", "grads", "optimizer", "activations", "peak",
+                    "bf16 peak / peak"], table, "|---|---|---:|---:|---:|---:|---:|---:|")
+  lines += ["", H.prose(NAME, "definitions", res.get("quick", False)), "",
+            f"![per-device memory by recipe]({plots['breakdown']})", ""]
   if searches:
-    budget = searches[0]["budget"]
-    lines += [
-        f"Largest per-device batch (sequences of {seq}) whose peak fits {budget / 1e9:.0f} GB:",
-        "",
-        f"| model | recipe | largest batch | peak there ({unit}) | first prediction | compiles | "
-        "batch / bf16's |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
     base = {s["size"]: s for s in searches if s["recipe"] == "bf16"}
-    for s in searches:
-      b0 = base.get(s["size"])
-      ratio = (f"{s['largest_batch'] / b0['largest_batch']:.2f}x"
-               if b0 and b0["largest_batch"] else "-")
-      mark = "" if s["verified"] else " (unverified)"
-      lines.append(f"| {s['size']} | `{s['recipe']}` | {s['largest_batch']}{mark} | "
-                   f"{fmt(s['peak_at_largest'])} | {s['predicted']} | {s['compiles']} | {ratio} |")
-    lines += [
-        "",
-        "Method: the peak is close to affine in the per-device batch b. The table's compile at "
-        f"b0 = {batch} gives a first, conservative guess b1 (all of `activations` taken to grow "
-        "with b: peak = fixed + b activations / b0, fixed = params + grads + optimizer + batch), "
-        "which is compiled; the line through the two compiled points nearest the budget is then "
-        "solved for the budget (the 'first prediction'), and the answer is verified by compiling "
-        "(refitting each time) until the largest fitting batch b and b + 1 (over the budget) have "
-        "both been compiled. Every compiled point:",
-        "",
-        f"![peak against batch]({plots['search']})",
-        "",
-    ]
-  lines += _verdict(res, by, searches)
-  lines += _composition(by, sizes[-1], scale, unit)
-  cpu_attention = {recipe: sum(g["bytes"] for g in r["peak_composition"]["top"]
-                               if g["category"] == "backward" and "/attn/" in g["op"])
-                   for (size, recipe), r in by.items()
-                   if size == sizes[-1] and r.get("peak_composition")}
-  if any(cpu_attention.values()):
-    lines += [
-        f"At the peak ({sizes[-1]}), one layer's attention backward on the CPU path holds at least "
-        + ", ".join(f"{v / scale:.2f} {unit} (`{k}`)" for k, v in cpu_attention.items()) +
-        " in float32 score and key/value blocks (the `attn` rows of `backward` above).",
-        "",
-    ]
-  lines += [
-      "What differs from COAT's measurement (Llama-2-7B, 4 GPUs, PyTorch): smaller models on 8 "
-      "simulated devices; XLA's buffer assignment under its memory-minimizing schedule instead of "
-      "a caching allocator's high-water mark; and attention through the CPU path of "
-      "`mpxla.attention` (`impl='auto'` is the XLA gathered-block implementation on CPU, which "
-      "materializes float32 score blocks that a GPU/TPU flash kernel keeps on chip), so the "
-      "attention part of the peak is a CPU figure, not what an accelerator run would allocate.",
-      "",
-  ]
-  return "\n".join(lines)
+    lines += [f"Largest per-device batch (sequences of {seq}) whose peak fits "
+              f"{searches[0]['budget'] / 1e9:.0f} GB:", ""]
+    lines += H.table(["model", "recipe", "largest batch", f"peak there ({unit})", "first prediction",
+                      "compiles", "batch / bf16's"], [
+        [s["size"], f"`{s['recipe']}`", f"{s['largest_batch']}" + ("" if s["verified"] else " (unverified)"),
+         fmt(s["peak_at_largest"]), s["predicted"], s["compiles"],
+         f"{s['largest_batch'] / base[s['size']]['largest_batch']:.2f}x"
+         if base.get(s["size"], {}).get("largest_batch") else "-"] for s in searches],
+        "|---|---|---:|---:|---:|---:|---:|")
+    lines += ["", H.prose(NAME, "method"), "", f"![peak against batch]({plots['search']})", ""]
+  lines += _verdict(res, by, searches) + _composition(by, sizes[-1], scale, unit)
+  return "\n".join(lines + [H.prose(NAME, "reading"), ""])
 
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
-  res = _common.load_results(out_dir)[1]
+  res = H.load(out_dir)[1]
   by = {(r["size"], r["recipe"]): r for r in res["rows"]}
   size = list(dict.fromkeys(r["size"] for r in res["rows"]))[-1]
   out = {}
@@ -694,11 +588,7 @@ def _composition(by, size, scale, unit) -> list[str]:
 
 
 def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[str, str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = H.pyplot()
   rows = res["rows"]
   sizes = list(dict.fromkeys(r["size"] for r in rows))
   fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.6), dpi=100, squeeze=False)
@@ -715,7 +605,7 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  _common.save_figure(fig, out_dir / "breakdown.png", dpi=100)
+  H.save_figure(fig, out_dir / "breakdown.png", dpi=100)
 
   if not res["searches"]:
     return {"breakdown": "breakdown.png"}
@@ -728,23 +618,15 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
   ax.set_ylabel(f"peak {unit} per device")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  _common.save_figure(fig, out_dir / "batch_search.png", dpi=100)
+  H.save_figure(fig, out_dir / "batch_search.png", dpi=100)
   return {"breakdown": "breakdown.png", "search": "batch_search.png"}
 
 
 # --- CLI ------------------------------------------------------------------------------------------
 
-def _importable() -> None:
-  """mpxla importable (PYTHONPATH, an installed package, else this checkout)."""
-  import importlib.util
-
-  if importlib.util.find_spec("mpxla") is None:
-    sys.path.append(str(ROOT))
-
-
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=str(ROOT / "experiments" / "results" / NAME),
+  p.add_argument("--out", default=str(H.RESULTS / NAME),
                  help="results directory of the section run")
   p.add_argument("--quick", action="store_true", help="the miniature section (a tiny model)")
   p.add_argument("--jobs", type=int, default=1,
@@ -765,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.json and not args.config:
     _parser().error("--json measures one config: pass --config=configs/FILE.py[:variant]")
   if args.config:
-    _importable()
+    H.importable()
     from mpxla.train import config as config_lib  # no JAX import
 
     try:
@@ -791,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   out = pathlib.Path(args.out)
   setup_env(DEVICES, out / "runs" / "xla_dump")
-  _importable()
+  H.importable()
   if args.jobs < 1:
     _parser().error(f"--jobs={args.jobs}: need at least 1.")
   run(out, quick=args.quick, resume=args.resume, jobs=args.jobs)

@@ -347,12 +347,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
 
   reuse: keep finished runs of the same config in out_dir/runs and only analyse them again.
   """
-  if not scopes or any(x not in SCOPES for x in scopes):
-    raise ValueError(f"scopes={scopes!r}: choose from {SCOPES}.")
-  H.require_devices(NAME, DEVICES)
-  out_dir = pathlib.Path(out_dir)
-  s = H.settings(NAME, quick, steps=steps, seeds=seeds)
-  start = H.clock()
+  H.check_choice("scopes", scopes, SCOPES)
+  out_dir, s, start = H.begin(NAME, quick, out_dir, DEVICES, steps=steps, seeds=seeds)
   sample = eval_sample(make_config(SCOPES[0], 0, s), s["eval_rows"])
   mis = lambda r: ", ".join(f"{x['domain']['mutual_information']:.3f}"  # noqa: E731
                             for x in r["eval"]["layers"].values())

@@ -181,12 +181,10 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
 
   reuse keeps finished runs; their wall times come from their workdir or the last results.
   """
-  out_dir = pathlib.Path(out_dir)
-  s = H.settings(NAME, quick, steps=steps, seeds=seeds, recipes=recipes, eval_every=eval_every)
-  if not s["recipes"] or any(r not in RECIPES for r in s["recipes"]):
-    raise ValueError(f"recipes={s['recipes']}: use some of {RECIPES}.")
+  out_dir, s, start = H.begin(NAME, quick, out_dir, steps=steps, seeds=seeds, recipes=recipes,
+                              eval_every=eval_every)
+  H.check_choice("recipes", s["recipes"], RECIPES)
   (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-  start = H.clock()
   previous = {}
   if reuse and (out_dir / "results.json").exists():
     old = H.load(out_dir)[1]

@@ -553,6 +553,12 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   return [bars, maps]
 
 
+def _per_layer(n_layers: int, recalls, cells) -> list[str]:
+  """Table rows per (layer, then all layers; recall): cells(layer or None, recall)."""
+  return [f"| {'**all**' if li is None else li} | {r:.0%} | " + " | ".join(cells(li, r)) + " |"
+          for li in list(range(n_layers)) + [None] for r in recalls]
+
+
 def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   """The tables and plots of one study."""
   heads, variants, m = st["heads"], st["variants"], st["model"]
@@ -582,15 +588,12 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
       "| layer | recall | " + " | ".join(variants) + " |",
       "|---|---|" + "---|" * len(variants),
   ]
-  for li in list(range(n_layers)) + [None]:
-    for r in st["recalls"]:
-      base = _layer_mean(heads, li, "blocks", "none", r)
-      cells = []
-      for var in variants:
-        v = _layer_mean(heads, li, "blocks", var, r)
-        cells.append(f"{v:.0f}" if var == "none" else f"{v:.0f} ({base / v:.2f}x)")
-      name = "**all**" if li is None else str(li)
-      lines.append(f"| {name} | {r:.0%} | " + " | ".join(cells) + " |")
+  def blocks(li, r):
+    base = _layer_mean(heads, li, "blocks", "none", r)
+    return [f"{v:.0f}" if var == "none" else f"{v:.0f} ({base / v:.2f}x)"
+            for var in variants for v in [_layer_mean(heads, li, "blocks", var, r)]]
+
+  lines += _per_layer(n_layers, st["recalls"], blocks)
   lines += ["", "Where those blocks lie (all heads): in segments wholly before the query "
             "block's own segment (*earlier*, where a segment sort can gather heavy keys) or in "
             "the query block's own segment (*diagonal*, where permuted keys are only partly "
@@ -611,11 +614,8 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
             "heads:", "",
             "| layer | recall | " + " | ".join(ordered) + " |",
             "|---|---|" + "---|" * len(ordered)]
-  for li in list(range(n_layers)) + [None]:
-    for r in st["recalls"]:
-      cells = [f"{_layer_mean(heads, li, 'error', var, r):.4f}" for var in ordered]
-      name = "**all**" if li is None else str(li)
-      lines.append(f"| {name} | {r:.0%} | " + " | ".join(cells) + " |")
+  lines += _per_layer(n_layers, st["recalls"], lambda li, r: [
+      f"{_layer_mean(heads, li, 'error', var, r):.4f}" for var in ordered])
   lines += ["", "What `permute_kv` selects from its own estimate (threshold = target recall): "
             "blocks listed by the returned BlockMask, the true recall they hold, and the output "
             "error of `mpxla.attention.attention(q, p.k, p.v, mask=p.block_mask, impl='xla')` "

@@ -1,4 +1,4 @@
-"""The section scripts import their sibling experiments/_common.py: put experiments/ on sys.path."""
+"""The section scripts import their sibling experiments/harness.py: put experiments/ on sys.path."""
 
 import pathlib
 import sys

@@ -1,4 +1,4 @@
-"""experiments/memory.py: the AOT memory breakdown (issue 8, section 1)."""
+"""experiments/memory.py: the AOT memory breakdown."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Issue 8 sections 4 (moe_balance) and 6 (ghost_bn): the LBL scope switch of the GPT vs numpy,
+"""experiments/moe_balance.py and experiments/ghost_bn.py: the LBL scope switch of the GPT vs numpy,
 the routing statistics vs independent formulas, domain labels vs the corpus packing, and
 miniature end-to-end runs through the Trainer."""
 

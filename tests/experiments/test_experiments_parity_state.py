@@ -1,4 +1,4 @@
-"""experiments/parity.py (issue 8, section 2) and experiments/state_error.py (section 3)."""
+"""experiments/parity.py (loss parity) and experiments/state_error.py (optimizer-state error)."""
 
 import json
 import math
