@@ -26,8 +26,10 @@ Grouped matmul of the sparse dispatch (`grouped_matmul=`):
   'blocks'                each expert's rows padded to a multiple of `block_size` rows;
                           block n multiplies [block_size, D] by its expert's [D, F]
                           (gathered): FLOPs (k T + E block_size) * D * F per matmul on every
-                          backend. `block_size=None` picks the largest power of two
-                          <= k S / (4 E) (at most 128), so padding adds <= 25 %.
+                          backend, but the gathered weights take N = k T / B + E
+                          expert-weight copies (B = block_size). `block_size=None`
+                          picks the largest power of two <= k S / (16 E) (at most 128):
+                          padding adds <= 1/16 of the rows, about 17 E weight copies.
 
 Dispatch groups: with x of rank >= 3 ([B, ..., D]) every row of the leading axis is its own
 group (sorted independently, vmapped), so a batch sharded over its leading axis never
@@ -157,8 +159,8 @@ def capacity_keep(indices_SxK, valid_S, num_experts, capacity):
 
 
 def auto_block_size(rows: int, num_experts: int) -> int:
-  """The largest power of two <= rows / (4 E), in [1, 128]: padding <= 25 % of the rows."""
-  target = max(rows // (4 * num_experts), 1)
+  """The largest power of two <= rows / (16 E), in [1, 128]: padding <= rows / 16."""
+  target = max(rows // (16 * num_experts), 1)
   return min(1 << (target.bit_length() - 1), 128)
 
 
