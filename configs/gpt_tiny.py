@@ -2,6 +2,8 @@
 
 Command:  .venv/bin/python -m mpxla.train --config=configs/gpt_tiny.py --workdir=workdirs/gpt_tiny
           (or `bash launch/local.sh`; variants: configs/gpt_tiny.py:coat, :fp8_linear, :fp8_delayed, :fp8_block, :hif8)
+          MoE: configs/gpt_tiny.py:moe (8 experts of d_ff 192, top 2, every other layer; sparse
+          dispatch, dropless), combined with a recipe as :coat,moe.
 Hardware: 2 CPU cores, about 2 minutes (85 s of training, ~8000 tokens/s).
 Expected (recipe bf16, seed 0): validation loss 2.15 nats/byte after 300 steps (train 1.96);
 see docs/train.md.
@@ -10,7 +12,14 @@ see docs/train.md.
 import ml_collections
 
 
-def get_config(recipe: str = "bf16") -> ml_collections.ConfigDict:
+def get_config(variant: str = "bf16") -> ml_collections.ConfigDict:
+  """variant: a recipe name, 'moe', or both comma-separated ('coat,moe')."""
+  parts = [p.strip() for p in variant.split(",") if p.strip()]
+  moe = "moe" in parts
+  recipes = [p for p in parts if p != "moe"]
+  if len(recipes) > 1:
+    raise ValueError(f"variant {variant!r} names more than one recipe: {recipes}.")
+  recipe = recipes[0] if recipes else "bf16"
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.recipe = recipe
@@ -28,6 +37,9 @@ def get_config(recipe: str = "bf16") -> ml_collections.ConfigDict:
       rope_theta=10_000.0, dtype="bfloat16", attention_impl="auto", attention_block=64,
       num_experts=0, moe_top_k=2, moe_every=2, moe_d_ff=0, moe_lbl_scope="global",
       moe_axis_name=None))
+  if moe:
+    c.model.update(num_experts=8, moe_top_k=2, moe_every=2, moe_d_ff=192)
+    c.model.moe_dispatch = "sparse"
   c.aux_loss_weight = 0.01
 
   c.data = ml_collections.ConfigDict(dict(name="stdlib_bytes", seq_len=128, batch_size=16,

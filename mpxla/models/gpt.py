@@ -39,6 +39,8 @@ class GPTConfig:
   # The batch's mesh axes (mpxla.parallel.stats), e.g. ('data', 'fsdp', 'expert'):
   # 'micro_batch' under jit needs them (and `jax.set_mesh`) to find each device's shard.
   moe_axis_name: str | tuple[str, ...] | None = None
+  moe_dispatch: str = "sparse"  # 'sparse' (sorted tokens, grouped matmuls) | 'dense' (reference)
+  moe_capacity_factor: float | None = None  # None: dropless
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -97,7 +99,7 @@ class Block(nn.Module):
 
       moe = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
                 dtype=c.dtype, lbl_scope=c.moe_lbl_scope, axis_name=_axes(c.moe_axis_name),
-                name="moe")
+                dispatch=c.moe_dispatch, capacity_factor=c.moe_capacity_factor, name="moe")
       return x_BxTxD + moe(h, mask=segment_ids_BxT > 0)  # padding takes no expert capacity
     return x_BxTxD + SwiGLU(c.d_ff, c.dtype, name="mlp")(h)
 
