@@ -8,6 +8,7 @@
 | `fp8_block`    | E4M3 / E5M2, 1x128 and 128x128 | matmul inputs in FP8 (DeepSeek-V3-like)        |
 | `coat`         | E4M3 / E5M2, per-tensor JIT    | everything in FP8: matmul inputs per tensor, norm inputs and linear outputs in 1x16 E4M3 |
 | `hif8`         | E4M3 / E5M2, per-tensor JIT    | as `coat`, with the 1x16 groups stored as HiF8 codes |
+| `bf16_sr`, `coat_sr` | as `bf16`, `coat`        | as `bf16`, `coat` (the trainer stores their parameters in BF16, no float32 master copy) |
 
 `Recipe` is a frozen dataclass: derive variants with `dataclasses.replace(get_recipe('coat'),
 linear=DotConfig(scaling='block'))`.
@@ -58,6 +59,9 @@ RECIPES: dict[str, Recipe] = {
     "fp8_block": Recipe("fp8_block", linear=DotConfig(scaling="block")),
     "coat": Recipe("coat", linear=DotConfig(), activations="e4m3"),
     "hif8": Recipe("hif8", linear=DotConfig(), activations="hif8"),
+    # Model side of the trainer's recipes without float32 master weights (mpxla.train.recipes).
+    "bf16_sr": Recipe("bf16_sr"),
+    "coat_sr": Recipe("coat_sr", linear=DotConfig(), activations="e4m3"),
 }
 
 

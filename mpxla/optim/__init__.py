@@ -6,6 +6,8 @@
 - `compress(state, ...)` / `decompress(state)`: convert a plain Optax state to
   the compressed form and back.
 - `expansion`: the per-group codec (pure functions).
+- `apply_updates_stochastic(params, updates, step)` and `upcast_arithmetic(inner)`: training
+  bf16 parameters without float32 master weights (stochastic rounding of p + u).
 """
 
 from mpxla.optim import expansion
@@ -22,6 +24,7 @@ from mpxla.optim.compress import (
     nbytes,
 )
 from mpxla.optim.recipes import adamw_fp8
+from mpxla.optim.updates import apply_updates_stochastic, upcast_arithmetic
 
 __all__ = [
     "EXACT_FIELDS",
@@ -29,6 +32,7 @@ __all__ = [
     "CompressedArray",
     "LeafConfig",
     "adamw_fp8",
+    "apply_updates_stochastic",
     "classify",
     "compress",
     "compress_states",
@@ -36,4 +40,5 @@ __all__ = [
     "expansion",
     "is_compressed",
     "nbytes",
+    "upcast_arithmetic",
 ]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mpxla.formats import _bits, get_format
+from mpxla.formats import _bits, _random, get_format
 from mpxla.optim import expansion as expansion_lib
 
 KeyPath = tuple[Any, ...]
@@ -328,36 +327,6 @@ def _plan(state: Any, base: LeafConfig, overrides: Overrides) -> Any:
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_compressed)
 
 
-def _path_salt(path: KeyPath) -> int:
-  """A stable 31-bit hash of a leaf's path (zlib.crc32: the same in every process)."""
-  return zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-  """lowbias32 (C. Wellons' 32-bit integer mixer, a bijection): uint32 -> uint32."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _random_bits(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Array:
-  """uint32 bits of `shape`: hash32(index * 0x9E3779B9 + hash32(hash32(salt) ^ step)).
-
-  A counter-based hash of each element's flat index, the leaf's step and its path hash
-  (a few integer ops per element; threefry costs about 6x the whole encoder on CPU). The
-  index comes from iotas, so a sharded leaf gets the same bits as an unsharded one.
-  """
-  seed = _hash32(_hash32(jnp.uint32(salt)) ^ step.astype(jnp.uint32))
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride = (stride * shape[axis]) & 0xFFFFFFFF
-  return _hash32(index * jnp.uint32(0x9E3779B9) + seed)
-
-
 def encode_leaf(
     x: jax.Array, cfg: LeafConfig, *, step: jax.Array | None = None, salt: int = 0
 ) -> CompressedArray:
@@ -378,7 +347,7 @@ def encode_leaf(
       stored_step = jnp.zeros((), jnp.uint32)
     else:
       stored_step = jnp.asarray(step, jnp.uint32)
-      bits = _random_bits(grouped, stored_step, salt)
+      bits = _random.counter_bits(grouped, stored_step, salt)
   enc = expansion_lib.encode(xp.reshape(grouped), cfg.fmt, expansion=cfg.expansion, bits=bits)
   return CompressedArray(
       codes=enc.codes.reshape(*lead, n_pad),
@@ -554,7 +523,7 @@ def _recompress_like(template: Any, new_state: Any) -> Any:
             "instead (docs/parallel.md, 'Meshes and contexts')."
         )
       step = None if o.step is None else o.step + 1
-      n = encode_leaf(n.astype(o.dtype), o.config, step=step, salt=_path_salt(path))
+      n = encode_leaf(n.astype(o.dtype), o.config, step=step, salt=_random.path_salt(path))
     out.append(n)
   return jax.tree.unflatten(treedef, out)
 

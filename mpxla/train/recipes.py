@@ -8,9 +8,15 @@
 | `fp8_block`  | `mpxla.nn.quantize(model, 'fp8_block')` | AdamW, float32 moments      |
 | `coat`       | `mpxla.nn.quantize(model, 'coat')`      | `adamw_fp8` (E4M3 + expansion) |
 | `hif8`       | `mpxla.nn.quantize(model, 'hif8')`      | `adamw_fp8` (E4M3 + expansion) |
+| `bf16_sr`    | as `bf16`, BF16 parameters, no float32 copy | AdamW, float32 moments  |
+| `coat_sr`    | as `coat`, BF16 parameters, no float32 copy | `adamw_fp8` (E4M3 + expansion) |
 
 The recipe names are `mpxla.nn.RECIPES` (one registry); `FP8_STATE_RECIPES` says which of
-them also keep the optimizer's moments in FP8.
+them also keep the optimizer's moments in FP8, `BF16_PARAM_RECIPES` which store the
+parameters in BF16 without a float32 master copy: gradients come out in BF16, the optimizer
+computes in float32 (`mpxla.optim.upcast_arithmetic`) and the new parameters are rounded
+to BF16 stochastically (`mpxla.optim.apply_updates_stochastic`, bits from the step and the
+leaf, so a resume is bit-exact).
 
 Embeddings and the output head stay in high precision (`HIGH_PRECISION_PATHS`).
 `fp8_delayed` keeps amax histories in the model's 'fp8_state' collection; the trainer
@@ -20,12 +26,15 @@ differentiates the loss with respect to it and stores the result (its next value
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mpxla.nn.recipes import RECIPES as MODEL_RECIPES
+from mpxla.nn.recipes import get_recipe as mpxla_nn_recipe
 
 RECIPES = tuple(MODEL_RECIPES)
-FP8_STATE_RECIPES = ("coat", "hif8")  # recipes whose optimizer moments are FP8 (adamw_fp8)
+FP8_STATE_RECIPES = ("coat", "hif8", "coat_sr")  # optimizer moments in FP8 (adamw_fp8)
+BF16_PARAM_RECIPES = ("bf16_sr", "coat_sr")  # parameters in BF16, updated stochastically
 # Module paths kept in high precision by the FP8 recipes (COAT keeps them too).
 HIGH_PRECISION_PATHS = ("embed", "lm_head", "head")
 
@@ -52,13 +61,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
     adam = adamw_fp8(schedule(o), **kwargs)
   else:
     adam = optax.adamw(schedule(o), **kwargs)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+  if recipe in BF16_PARAM_RECIPES:
+    from mpxla.optim import upcast_arithmetic
+
+    tx = upcast_arithmetic(tx)
+  return tx
+
+
+def param_dtype(recipe: str):
+  """The dtype the trainer stores floating parameters in: BF16 or float32."""
+  return jnp.bfloat16 if recipe in BF16_PARAM_RECIPES else jnp.float32
 
 
 def wrap_model(model, recipe: str):
   """The model with the recipe's FP8 matmuls and activations (unchanged for bf16)."""
   _check(recipe)
-  if recipe == "bf16":
+  if not mpxla_nn_recipe(recipe).quantizes:
     return model
   from mpxla import nn as mpxla_nn
 

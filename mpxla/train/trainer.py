@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mpxla import nn as mnn
+from mpxla import optim as mo
 from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
 from mpxla.train import checkpoint, monitor, preemption, recipes
@@ -72,7 +73,9 @@ class Trainer:
   def _init_fn(self, key):
     batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.task.dummy_batch(self.batch_size))
     variables = self.task.init(key, batch)
-    params = variables.pop("params")
+    dtype = recipes.param_dtype(self.config.recipe)
+    params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                          else p, variables.pop("params"))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params), "model_state": dict(variables)}
 
@@ -118,7 +121,9 @@ class Trainer:
       model_state = {**model_state, FP8_STATE: jax.lax.cond(
           mnn.all_finite(new_fp8), lambda: new_fp8, lambda: fp8_state)}
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    # = optax.apply_updates for float32 parameters; BF16 ones are rounded stochastically.
+    params = mo.apply_updates_stochastic(state["params"], updates, state["step"],
+                                         seed=self.config.seed)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
