@@ -135,7 +135,7 @@ def np_capacity(x, p, k, cf, mask):
 
 
 def test_capacity_drops_match_a_numpy_count(cf=0.75):
-  p, x, r = params(2, "skewed"), tokens(), probe()
+  p, x = params(2, "skewed"), tokens()
   mask = np.ones((B, T), bool)
   mask[1, 4:] = False
   y_np, frac, idx = np_capacity(x, p, 2, cf, mask)
