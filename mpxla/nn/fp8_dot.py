@@ -23,6 +23,11 @@ Scaling (`DotConfig.scaling`), per layer:
              that vary along the contraction cannot be factored out of the dot, so the
              contraction runs as a `lax.scan` over its 128-wide blocks, each an FP8 dot whose
              float32 partial sum is scaled and accumulated (memory: one output, not one per block).
+  'mx'       MXFP8 (OCP Microscaling, `mpxla.quant.quantize_mx`): x and w in blocks of 32 along
+             the contraction with E8M0 (power-of-two, uint8) scales; for dx, g and w in blocks
+             along N, for dw, x and g in blocks along the tokens (x and w requantized from
+             their saved codes). The dots run on the dequantized blocks in float32 (what an
+             MX GEMM computes; no CPU or Hopper GEMM takes MX operands natively).
 
 Global amax: under `jax.jit` the amax of a sharded array is already global. Inside
 `shard_map` set `DotConfig.axis_name` (per-tensor scaling) to take a `pmax` over devices.
@@ -51,7 +56,7 @@ from mpxla.quant.sharding import match_varying, varying_axes
 from mpxla.quant.tracing import after, tag, zero_cotangent
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
-SCALINGS = ("tensor", "delayed", "block")
+SCALINGS = ("tensor", "delayed", "block", "mx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,8 @@ class DotConfig:
   """How one matmul is quantized.
 
   Attributes:
-    scaling: 'tensor' (just-in-time), 'delayed' (amax history) or 'block' (1x128 / 128x128).
+    scaling: 'tensor' (just-in-time), 'delayed' (amax history), 'block' (1x128 / 128x128)
+      or 'mx' (MXFP8: blocks of 32, E8M0 scales; `margin` and `block` do not apply).
     fwd_fmt: format of x and w in the forward pass (E4M3).
     bwd_fmt: format of the output gradient in the backward pass (E5M2).
     margin: headroom in powers of two (s = amax * 2^margin / fmt.max).
@@ -87,8 +93,9 @@ class DotConfig:
             "HiF8 is for saved activations (Recipe.activations='hif8').")
     if self.history < 1 or self.block < 1:
       raise ValueError(f"history={self.history} and block={self.block} must be >= 1.")
-    if self.axis_name is not None and self.scaling == "block":
-      raise ValueError("axis_name applies to per-tensor scaling; 'block' scales are local.")
+    if self.axis_name is not None and self.scaling in ("block", "mx"):
+      raise ValueError(f"axis_name applies to per-tensor scaling; {self.scaling!r} scales "
+                       "are local.")
     if isinstance(self.axis_name, list):
       object.__setattr__(self, "axis_name", tuple(self.axis_name))
 
@@ -316,20 +323,61 @@ _block_dot.defvjp(_block_dot_fwd, _block_dot_bwd)
 
 
 def _block_dot_general(lhs, rhs, dn, config: DotConfig, out_dtype):
+  """'block' and 'mx' scaling, on the [B, M, K] x [B, K, N] form."""
   (lc, rc), (lb, rb) = dn
   l_free, r_free = _remaining(lhs.ndim, lb, lc), _remaining(rhs.ndim, rb, rc)
   lhs3 = _to_3d(lhs, lb, l_free, lc)  # [B, M, K]
   rhs3 = _to_3d(rhs, rb, rc, r_free)  # [B, K, N]
-  bs = config.block
-  lq = flow.residual(quant.quantize(jax.lax.stop_gradient(lhs3), config.fwd_fmt,
-                                    quant.PerGroup(bs)))
-  rq = flow.residual(quant.quantize(jax.lax.stop_gradient(rhs3), config.fwd_fmt,
-                                    quant.PerBlock((bs, bs))))
+  x, w, bs = jax.lax.stop_gradient(lhs3), jax.lax.stop_gradient(rhs3), config.block
+  if config.scaling == "mx":
+    lq, rq = quant.quantize_mx(x, config.fwd_fmt, 2), quant.quantize_mx(w, config.fwd_fmt, 1)
+  else:
+    lq = quant.quantize(x, config.fwd_fmt, quant.PerGroup(bs))
+    rq = quant.quantize(w, config.fwd_fmt, quant.PerBlock((bs, bs)))
+  lq, rq = flow.residual(lq), flow.residual(rq)
   spec = _BlockSpec(config, np.dtype(out_dtype), np.dtype(lhs.dtype), np.dtype(rhs.dtype))
   lhs3, rhs3 = match_varying(lhs3, rhs3)
-  out3 = _block_dot(spec, lhs3, rhs3, lq, rq)
+  dot = _mx_dot if config.scaling == "mx" else _block_dot
+  out3 = dot(spec, lhs3, rhs3, lq, rq)
   # dot_general's output order: batch, lhs free, rhs free.
   return out3.reshape([lhs.shape[i] for i in (*lb, *l_free)] + [rhs.shape[i] for i in r_free])
+
+
+# MX scaling ('mx'): canonical [B, M, K] x [B, K, N] form, blocks of 32 along the contraction.
+
+
+def _mx_matmul(a, a_axis, b, b_axis, dims, fmts):
+  """dot_general of a and b, each MX-quantized along its contracted axis, in float32."""
+  aq = quant.dequantize(quant.quantize_mx(a, fmts[0], axis=a_axis), jnp.float32)
+  bq = quant.dequantize(quant.quantize_mx(b, fmts[1], axis=b_axis), jnp.float32)
+  return jax.lax.dot_general(aq, bq, dims, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mx_dot(spec: _BlockSpec, lhs3, rhs3, lq, rq):
+  return _mx_dot_fwd(spec, lhs3, rhs3, lq, rq)[0]
+
+
+def _mx_dot_fwd(spec, lhs3, rhs3, lq, rq):
+  out = jax.lax.dot_general(quant.dequantize(lq, jnp.float32), quant.dequantize(rq, jnp.float32),
+                            (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  return out.astype(spec.out_dtype), (lq, rq)
+
+
+def _mx_dot_bwd(spec, res, g3):
+  """dw = x^T g over the tokens M, dx = g w^T over N; each operand in blocks along its
+  contraction (x and w from their saved codes)."""
+  lq, rq = res
+  c = spec.config
+  g3 = g3.astype(jnp.float32)
+  x_hat, w_hat = quant.dequantize(lq, jnp.float32), quant.dequantize(rq, jnp.float32)
+  drhs = _mx_matmul(x_hat, 1, g3, 1, (((1,), (1,)), ((0,), (0,))), (c.fwd_fmt, c.bwd_fmt))
+  dlhs = _mx_matmul(g3, 2, w_hat, 2, (((2,), (2,)), ((0,), (0,))), (c.bwd_fmt, c.fwd_fmt))
+  return (dlhs.astype(spec.lhs_dtype), drhs.astype(spec.rhs_dtype), zero_cotangent(lq),
+          zero_cotangent(rq))
+
+
+_mx_dot.defvjp(_mx_dot_fwd, _mx_dot_bwd)
 
 
 def fp8_dot_general(
@@ -366,9 +414,10 @@ def fp8_dot_general(
   (lc, rc), (lb, rb) = dimension_numbers
   dn = ((tuple(int(i) for i in lc), tuple(int(i) for i in rc)),
         (tuple(int(i) for i in lb), tuple(int(i) for i in rb)))
-  if config.scaling == "block":
+  if config.scaling in ("block", "mx"):
     if state is not None:
-      raise ValueError("state= is for scaling='delayed'; 'block' scaling keeps no state.")
+      raise ValueError(f"state= is for scaling='delayed'; {config.scaling!r} scaling keeps "
+                       "no state.")
     return _block_dot_general(lhs, rhs, dn, config, out_dtype)
   if config.scaling == "delayed":
     if state is None:

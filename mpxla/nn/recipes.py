@@ -6,6 +6,7 @@
 | `fp8_linear`   | E4M3 / E5M2, per-tensor JIT    | matmul inputs in FP8 (TransformerEngine-like)  |
 | `fp8_delayed`  | E4M3 / E5M2, per-tensor delayed| matmul inputs in FP8                           |
 | `fp8_block`    | E4M3 / E5M2, 1x128 and 128x128 | matmul inputs in FP8 (DeepSeek-V3-like)        |
+| `mxfp8`        | E4M3 / E5M2, MX blocks of 32 with E8M0 scales | matmul inputs in MXFP8 (OCP Microscaling) |
 | `coat`         | E4M3 / E5M2, per-tensor JIT    | everything in FP8: matmul inputs per tensor, norm inputs and linear outputs in 1x16 E4M3 |
 | `hif8`         | E4M3 / E5M2, per-tensor JIT    | as `coat`, with the 1x16 groups stored as HiF8 codes |
 | `bf16_sr`, `coat_sr` | as `bf16`, `coat`        | as `bf16`, `coat` (the trainer stores their parameters in BF16, no float32 master copy) |
@@ -57,6 +58,7 @@ RECIPES: dict[str, Recipe] = {
     "fp8_linear": Recipe("fp8_linear", linear=DotConfig()),
     "fp8_delayed": Recipe("fp8_delayed", linear=DotConfig(scaling="delayed")),
     "fp8_block": Recipe("fp8_block", linear=DotConfig(scaling="block")),
+    "mxfp8": Recipe("mxfp8", linear=DotConfig(scaling="mx")),
     "coat": Recipe("coat", linear=DotConfig(), activations="e4m3"),
     "hif8": Recipe("hif8", linear=DotConfig(), activations="hif8"),
     # Model side of the trainer's recipes without float32 master weights (mpxla.train.recipes).

@@ -44,12 +44,22 @@ class QTensor:
 
   def all_finite(self) -> jax.Array:
     """False if any block held inf or NaN (its scale is NaN)."""
-    return jnp.all(jnp.isfinite(self.scales))
+    return jnp.all(jnp.isfinite(scale_values(self)))
 
   @property
   def nbytes(self) -> int:
     """Bytes of codes and scales."""
-    return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * 4)
+    return int(self.codes.size * self.codes.dtype.itemsize
+               + self.scales.size * self.scales.dtype.itemsize)
+
+
+def scale_values(q: QTensor) -> jax.Array:
+  """q's scales as float32: as stored, or decoded from uint8 E8M0 codes (MX, `quant.mx`)."""
+  if q.scales.dtype != jnp.uint8:
+    return q.scales
+  s = q.scales.astype(jnp.int32)  # 2^(s - 127); 0xFF is NaN; s = 0 is the subnormal 2^-127
+  v = jax.lax.bitcast_convert_type(jnp.where(s == 0, 0x00400000, s << 23), jnp.float32)
+  return jnp.where(s == 0xFF, jnp.nan, v)
 
 
 def quantize(
@@ -134,7 +144,7 @@ def dequantize(q: QTensor, dtype=None) -> jax.Array:
   """codes * scales, as `dtype` (a floating dtype; default: the original dtype)."""
   dtype = q.dtype if dtype is None else float_dtype(dtype)
   values = to_blocks(upcast(q.codes, q.fmt, jnp.float32), q.granularity)
-  x = from_blocks(values * expand_scales(q.scales, q.shape, q.granularity), q.codes)
+  x = from_blocks(values * expand_scales(scale_values(q), q.shape, q.granularity), q.codes)
   return x.astype(dtype)
 
 

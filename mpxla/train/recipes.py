@@ -6,6 +6,7 @@
 | `fp8_linear` | `mpxla.nn.quantize(model, 'fp8_linear')`| AdamW, float32 moments      |
 | `fp8_delayed`| `mpxla.nn.quantize(model, 'fp8_delayed')`| AdamW, float32 moments     |
 | `fp8_block`  | `mpxla.nn.quantize(model, 'fp8_block')` | AdamW, float32 moments      |
+| `mxfp8`      | `mpxla.nn.quantize(model, 'mxfp8')`     | AdamW, float32 moments      |
 | `coat`       | `mpxla.nn.quantize(model, 'coat')`      | `adamw_fp8` (E4M3 + expansion) |
 | `hif8`       | `mpxla.nn.quantize(model, 'hif8')`      | `adamw_fp8` (E4M3 + expansion) |
 | `bf16_sr`    | as `bf16`, BF16 parameters, no float32 copy | AdamW, float32 moments  |

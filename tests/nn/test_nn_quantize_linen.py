@@ -89,11 +89,12 @@ def cosines(grads, ref_grads):
 # Stated tolerances against float32 on this model: output (logits) relative L2 error and
 # per-parameter gradient cosine similarity.
 TOLERANCE = {"bf16": (0.01, 0.9999), "fp8_linear": (0.05, 0.99), "fp8_delayed": (0.05, 0.99),
-             "fp8_block": (0.05, 0.99), "coat": (0.06, 0.99), "hif8": (0.06, 0.99)}
+             "fp8_block": (0.05, 0.99), "coat": (0.06, 0.99), "hif8": (0.06, 0.99),
+             "mxfp8": (0.05, 0.99)}
 
 
 @pytest.mark.parametrize("recipe", ["fp8_linear", "fp8_delayed", pytest.param(
-    "fp8_block", marks=pytest.mark.slow), "coat", "hif8"])  # block: ~10 s of scan compilation
+    "fp8_block", marks=pytest.mark.slow), "coat", "hif8", "mxfp8"])  # block: ~10 s of scan compilation
 def test_recipe_matches_float32(recipe, reference):
   params, ref_out, ref_grads = reference
   qmodel = mnn.quantize(Model(), BLOCK16 if recipe == "fp8_block" else recipe, keep=KEEP)
