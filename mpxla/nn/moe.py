@@ -65,7 +65,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mpxla.parallel import experts as pexperts
 from mpxla.parallel import moe as pmoe
+from mpxla.parallel.experts import combine_pairs, sort_pairs
 from mpxla.parallel.stats import AxisName
 from mpxla.quant.sharding import auto_regroup
 
@@ -219,14 +221,6 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
   return jax.vmap(lambda o, p: o.at[p].get(mode="fill", fill_value=0))(out_GxPxD, pos_GxM)
 
 
-def sort_pairs(indices_SxK, keep_SxK, num_experts):
-  """(order_M, group_sizes_E): pairs (M = S K, token-major) stably sorted by expert, dropped
-  pairs last."""
-  key_M = jnp.where(keep_SxK, indices_SxK, num_experts).reshape(-1)
-  order_M = jnp.argsort(key_M, stable=True)
-  return order_M, jnp.sum(jax.nn.one_hot(key_M, num_experts, dtype=jnp.int32), axis=0)
-
-
 def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF, up_ExDxF,
                   down_ExFxD, *, impl="ragged_dot", block_size=None):
   """y_t = sum_j keep_tj w_tj E_{i_tj}(x_t), per dispatch group, by sorting pairs by expert.
@@ -243,21 +237,17 @@ def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF,
   y_GxMxD = grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE,
                            impl=impl, block_size=block_size)
 
-  def combine(y_MxD, order_M, token_M, w_SxK, keep_SxK):
-    keep_M = keep_SxK.reshape(-1)[order_M]
-    w_M = w_SxK.reshape(-1)[order_M].astype(y_MxD.dtype)
-    y_MxD = jnp.where(keep_M[:, None], y_MxD * w_M[:, None], 0)
-    return jnp.zeros((keep_SxK.shape[0], y_MxD.shape[-1]), y_MxD.dtype).at[token_M].add(y_MxD)
-
-  return jax.vmap(combine)(y_GxMxD, order_GxM, token_GxM, weights_GxSxK, keep_GxSxK)
+  return jax.vmap(combine_pairs)(y_GxMxD, order_GxM, token_GxM, weights_GxSxK, keep_GxSxK)
 
 
 def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, dtype,
                 dispatch="sparse", capacity_factor=None, grouped_matmul="ragged_dot",
-                block_size=None):
+                block_size=None, expert_axis=None):
   """The expert part of the MoE layer: (y [..., D] in `dtype`, dropped pairs, valid pairs).
 
   x [..., D], weights/indices [..., K], mask [...] or None. Groups: see the module doc.
+  The sparse dispatch is expert-parallel (`mpxla.parallel.experts`) when the context mesh
+  has `expert_axis` with size > 1 (see the module doc).
   """
   e = gate_ExDxF.shape[0]
   lead, d, k = x.shape[:-1], x.shape[-1], indices.shape[-1]
@@ -267,6 +257,11 @@ def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, 
   valid = jnp.ones(lead, bool) if mask is None else jnp.asarray(mask, bool)
   capacity = None if capacity_factor is None else expert_capacity(capacity_factor, s, k, e)
   wts = (gate_ExDxF.astype(dtype), up_ExDxF.astype(dtype), down_ExFxD.astype(dtype))
+  mesh = pexperts.context_expert_mesh(x, expert_axis) if dispatch == "sparse" else None
+  if mesh is not None:
+    y, dropped = _parallel_experts(x.astype(dtype), weights, indices, valid, wts, mesh,
+                                   expert_axis, g, s, capacity, grouped_matmul, block_size)
+    return y, dropped, jnp.sum(valid) * k
 
   def run(x_, w_, i_, v_, wts):
     x_g, w_g = x_.reshape(g, s, d).astype(dtype), w_.reshape(g, s, k)
@@ -284,6 +279,43 @@ def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, 
   out_specs = (P(*spec) if spec is not None else P(), P())
   y, dropped = auto_regroup(run, x, weights, indices, valid, wts, out_specs=out_specs)
   return y, dropped, jnp.sum(valid) * k
+
+
+def _parallel_experts(x, weights, indices, valid, wts, mesh, axis, g, s, capacity, impl,
+                      block_size):
+  """(y, dropped pairs) with the experts sharded over `axis` (mpxla.parallel.experts).
+
+  The capacity's keep mask is computed per dispatch group first (as without expert
+  parallelism); R = `peer_rows(T_l, K, E_l, C, G_l)` with G_l = T_l / S whole groups (x of
+  rank >= 3) or 1 (rank 2).
+  """
+  e, k = wts[0].shape[0], indices.shape[-1]
+  lead = indices.shape[:-1]
+  if capacity is None:
+    keep, dropped = jnp.ones(indices.shape, bool), jnp.int32(0)
+  else:
+    def keeps(i_, v_):
+      i_g, v_g = i_.reshape(g, s, k), v_.reshape(g, s)
+      keep_g = jax.vmap(capacity_keep, (0, 0, None, None))(i_g, v_g, e, capacity)
+      return keep_g.reshape(*lead, k), jnp.sum(v_g[..., None] & ~keep_g)
+
+    spec = getattr(jax.typeof(indices).sharding, "spec", None)
+    keep, dropped = auto_regroup(keeps, indices, valid,
+                                 out_specs=(P(*spec) if spec is not None else P(), P()))
+  peers = mesh.shape[axis] if e % mesh.shape[axis] == 0 else 1  # else: the check raises
+  per_group = len(lead) >= 2
+
+  def rows(tokens_local):
+    groups_local = tokens_local // s if per_group else 1
+    return pexperts.peer_rows(tokens_local, k, e // peers, capacity, groups_local)
+
+  def expert_fn(wts_local, x_NxRxD, group_sizes_NxEl):
+    return grouped_swiglu(x_NxRxD, *wts_local, group_sizes_NxEl, impl=impl,
+                          block_size=block_size)
+
+  y = pexperts.expert_parallel(expert_fn, wts, x, weights, indices, keep, num_experts=e,
+                               mesh=mesh, axis_name=axis, rows=rows)
+  return y, dropped
 
 
 def dropped_fraction(dropped, pairs):
@@ -338,6 +370,8 @@ class MoE(nn.Module):
     capacity_factor: None (dropless) or > 0: C = ceil(capacity_factor * S * k / E).
     grouped_matmul: 'ragged_dot' | 'blocks' (the sparse dispatch's grouped matmul).
     block_size: rows per block of 'blocks' (None: automatic).
+    expert_axis: the mesh axis the experts are sharded over when the context mesh has it
+      with size > 1 (expert parallelism, sparse dispatch); None: experts never sharded.
   """
 
   num_experts: int
@@ -355,6 +389,7 @@ class MoE(nn.Module):
   capacity_factor: float | None = None
   grouped_matmul: str = "ragged_dot"
   block_size: int | None = None
+  expert_axis: str | None = "expert"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -388,7 +423,7 @@ class MoE(nn.Module):
     y, dropped, pairs = moe_experts(
         x, weights, indices, mask, gate, up, down, dtype=dtype, dispatch=self.dispatch,
         capacity_factor=self.capacity_factor, grouped_matmul=self.grouped_matmul,
-        block_size=self.block_size)
+        block_size=self.block_size, expert_axis=self.expert_axis)
     if self.capacity_factor is not None:
       self.sow("intermediates", "dropped_fraction", dropped_fraction(dropped, pairs))
     return y
@@ -443,7 +478,8 @@ class NNXMoE(nnx.Module):
                normalize_weights: bool = True, kernel_init: Initializer = _default_init,
                partitioned: bool = False, dispatch: str = "sparse",
                capacity_factor: float | None = None, grouped_matmul: str = "ragged_dot",
-               block_size: int | None = None, rngs: nnx.Rngs):
+               block_size: int | None = None, expert_axis: str | None = "expert",
+               rngs: nnx.Rngs):
     check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size)
     e, d, f = num_experts, in_features, d_ff
     self.router = NNXTopKRouter(d, e, top_k, normalize_weights=normalize_weights, dtype=dtype,
@@ -466,6 +502,7 @@ class NNXMoE(nnx.Module):
     self.capacity_factor = capacity_factor
     self.grouped_matmul = grouped_matmul
     self.block_size = block_size
+    self.expert_axis = expert_axis
 
   def __call__(self, x, mask=None):
     e = self.num_experts
@@ -479,7 +516,8 @@ class NNXMoE(nnx.Module):
     y, dropped, pairs = moe_experts(
         x, weights, indices, mask, self.gate[...], self.up[...], self.down[...], dtype=dtype,
         dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-        grouped_matmul=self.grouped_matmul, block_size=self.block_size)
+        grouped_matmul=self.grouped_matmul, block_size=self.block_size,
+        expert_axis=self.expert_axis)
     if self.capacity_factor is not None:
       self.sow(nnx.Intermediate, "dropped_fraction", dropped_fraction(dropped, pairs))
     return y

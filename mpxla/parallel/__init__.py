@@ -7,9 +7,10 @@
 - `metrics`: weighted means, token counts, gradient norm, `Average`.
 - `moe`: `load_balancing_loss` with scope 'global' | 'micro_batch' | 'sequence' and the
   gradient-accumulation count buffer.
+- `experts`: expert parallelism (experts sharded over 'expert', tokens by all-to-all).
 """
 
-from mpxla.parallel import distributed, mesh, metrics, moe, stats
+from mpxla.parallel import distributed, experts, mesh, metrics, moe, stats
 from mpxla.parallel.distributed import DistributedSpec, initialize
 from mpxla.parallel.mesh import (
     BATCH_AXES,
@@ -48,6 +49,7 @@ __all__ = [
     "batch_sharding",
     "count",
     "distributed",
+    "experts",
     "global_amax",
     "global_batch",
     "global_mean",
