@@ -70,9 +70,14 @@ class Trainer:
 
   # --- state -----------------------------------------------------------------------------
 
-  def _init_fn(self, key):
+  def _init_fn(self, key, boxed_params=False):
     batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.task.dummy_batch(self.batch_size))
     variables = self.task.init(key, batch)
+    if boxed_params:  # the parameters with their logical axis names, for state_shardings
+      return variables["params"]
+    from flax.core import meta
+
+    variables = meta.unbox(variables)  # the state holds plain arrays
     dtype = recipes.param_dtype(self.config.recipe)
     params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
                           else p, variables.pop("params"))
@@ -85,7 +90,34 @@ class Trainer:
 
   @functools.cached_property
   def state_shardings(self):
-    return parallel.state_shardings(self._abstract_init(), self.mesh, shard_unannotated=True)
+    """Boxed parameters' logical names (`nn.with_logical_partitioning`: the MoE experts over
+    'expert') decide their shardings and those of the optimizer-state leaves of the same
+    shape whose path ends with theirs; every other leaf follows `shard_unannotated`."""
+    from flax.linen import LogicallyPartitioned
+
+    abstract = self._abstract_init()
+    shardings = parallel.state_shardings(abstract, self.mesh, shard_unannotated=True)
+    with jax.set_mesh(self.mesh):
+      boxed = jax.eval_shape(functools.partial(self._init_fn, boxed_params=True),
+                             jax.random.key(0))
+    is_box = lambda x: isinstance(x, LogicallyPartitioned)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]
+    boxed_sh = jax.tree.leaves(parallel.state_shardings(boxed, self.mesh, shard_unannotated=True))
+    named = {tuple(path): (b.value.shape, s)
+             for (path, b), s in zip(leaves, boxed_sh, strict=True) if is_box(b)}
+    if not named:
+      return shardings
+    lengths = sorted({len(p) for p in named})
+
+    def follow(path, leaf, sharding):
+      for n in lengths:
+        shape, s = named.get(tuple(path[-n:]), (None, None))
+        if len(path) >= n and shape is not None and shape == getattr(leaf, "shape", None):
+          return s
+      return sharding
+
+    return {**shardings, **{k: jax.tree_util.tree_map_with_path(follow, abstract[k], shardings[k])
+                            for k in ("params", "opt_state")}}
 
   def init_state(self):
     key = jax.random.key(self.config.seed)
