@@ -21,6 +21,7 @@ def get_config(variant: str = "global") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.progress = True
   c.plot = True
+  c.fp8_stats_every = 0  # > 0: per-layer FP8 statistics every N steps (docs/nn.md)
   c.model = ml_collections.ConfigDict(dict(
       name="cnn", num_classes=10, widths=[32, 64], dtype="float32",
       bn_scope="local" if variant == "local" else "global",

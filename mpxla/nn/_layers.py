@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpxla.nn import flow, fp8_act
+from mpxla.nn import flow, fp8_act, fp8_stats
 from mpxla.nn.fp8_dot import fp8_dot_general, fp8_einsum
 from mpxla.nn.recipes import Recipe
 from mpxla.quant import tracing
@@ -38,29 +38,34 @@ def _output(y: jax.Array, recipe: Recipe) -> jax.Array:
   return flow.output_point(y, recipe.activations, recipe.group) if recipe.activations else y
 
 
-def layer_dot_general(recipe: Recipe, state=None):
+def layer_dot_general(recipe: Recipe, state=None, probe=None):
   """A `dot_general` drop-in for a linear layer under `recipe` (FP8 matmul, FP8 output flow)."""
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                   out_sharding=None):
     return _output(fp8_dot_general(lhs, rhs, dimension_numbers, precision,
                                    preferred_element_type, out_sharding, config=recipe.linear,
-                                   state=state), recipe)
+                                   state=state, stats_probe=probe), recipe)
 
   return dot_general
 
 
-def layer_einsum(recipe: Recipe, state=None):
+def layer_einsum(recipe: Recipe, state=None, probe=None):
   """An `einsum` drop-in for an Einsum layer under `recipe`."""
 
   def einsum(subscripts, lhs, rhs, precision=None, preferred_element_type=None,
              out_sharding=None):
     return _output(fp8_einsum(subscripts, lhs, rhs, precision=precision,
                               preferred_element_type=preferred_element_type,
-                              out_sharding=out_sharding, config=recipe.linear, state=state),
-                   recipe)
+                              out_sharding=out_sharding, config=recipe.linear, state=state,
+                              stats_probe=probe), recipe)
 
   return einsum
+
+
+def wants_stats(recipe: Recipe) -> bool:
+  """Whether a layer under `recipe` reads an fp8_stats probe (inside `fp8_stats.collecting()`)."""
+  return fp8_stats.enabled() and recipe.linear.scaling in ("tensor", "delayed")
 
 
 def keep_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -77,9 +82,10 @@ def keep_einsum(subscripts, lhs, rhs, precision=None, preferred_element_type=Non
                     preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
 
-def fp8_op(recipe: Recipe, state, einsum: bool):
-  """`layer_einsum` or `layer_dot_general` of `recipe` with delayed-scaling `state` (or None)."""
-  return (layer_einsum if einsum else layer_dot_general)(recipe, state)
+def fp8_op(recipe: Recipe, state, einsum: bool, probe=None):
+  """`layer_einsum` or `layer_dot_general` of `recipe` with delayed-scaling `state` (or None)
+  and an fp8_stats `probe` (or None)."""
+  return (layer_einsum if einsum else layer_dot_general)(recipe, state, probe)
 
 
 def keep_op(einsum: bool):

@@ -51,7 +51,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mpxla import formats, quant
-from mpxla.nn import flow
+from mpxla.nn import flow, fp8_stats
 from mpxla.quant.sharding import match_varying, varying_axes
 from mpxla.quant.tracing import after, tag, zero_cotangent
 
@@ -185,14 +185,23 @@ def _quantize_tensor(x, fmt, config: DotConfig, history=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tensor_dot(spec: _Spec, lhs, rhs, lq, rq, state, amaxes):
-  return _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes)[0]
+def _tensor_dot(spec: _Spec, lhs, rhs, lq, rq, state, amaxes, probe):
+  return _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes, probe)[0]
 
 
-def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes):
+def _history_amax(state, key):
+  return None if state is None else quant.amax_from_history(state[key])
+
+
+def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes, probe):
   out = jax.lax.dot_general(lq.codes, rq.codes, spec.dn, preferred_element_type=jnp.float32)
   out = (out * (lq.scales * rq.scales)).astype(spec.out_dtype)
-  return out, (lq, rq, state, amaxes)
+  stats = None
+  if probe is not None:  # fp8_stats: the input and weight rows, from this forward pass
+    stats = [fp8_stats.tensor_stats(x, q.codes, q.scales, spec.config.fwd_fmt,
+                                    quant.amax(x, "tensor"), _history_amax(state, key))
+             for x, q, key in ((lhs, lq, "lhs"), (rhs, rq, "rhs"))]
+  return out, (lq, rq, state, amaxes, stats)
 
 
 def _codes_after(q, *deps):
@@ -207,10 +216,14 @@ def _codes_after(q, *deps):
 
 def _tensor_dot_bwd(spec, res, g):
   """dw = x8^T g8 first, then dx = g8 w8^T, on FP8 codes (see `_codes_after`)."""
-  lq, rq, state, amaxes = res
+  lq, rq, state, amaxes, stats = res
   c = spec.config
   g = after(g, rq.scales)  # read twice (amax, cast): materialized as it is, not widened
   gq, g_amax = _quantize_tensor(g, c.bwd_fmt, c, None if state is None else state["grad"])
+  d_probe = None
+  if stats is not None:  # the gradient of the fp8_stats probe is the statistics
+    d_probe = jnp.stack([*stats, fp8_stats.tensor_stats(
+        g, gq.codes, gq.scales, c.bwd_fmt, g_amax, _history_amax(state, "grad"))])
   gq = flow.stored(gq)
   drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, rq.codes.ndim,
                         like=rq.codes) * (gq.scales * lq.scales)
@@ -226,7 +239,7 @@ def _tensor_dot_bwd(spec, res, g):
         "grad": quant.update_amax_history(state["grad"], g_amax),
     }
   return (dlhs.astype(spec.lhs_dtype), drhs, zero_cotangent(lq),
-          zero_cotangent(rq), new_state, zero_cotangent(amaxes))
+          zero_cotangent(rq), new_state, zero_cotangent(amaxes), d_probe)
 
 
 _tensor_dot.defvjp(_tensor_dot_fwd, _tensor_dot_bwd)
@@ -390,6 +403,7 @@ def fp8_dot_general(
     *,
     config: DotConfig = DotConfig(),
     state: dict[str, jax.Array] | None = None,
+    stats_probe: jax.Array | None = None,
 ) -> jax.Array:
   """`jax.lax.dot_general` on FP8 codes with a custom VJP (see the module docstring).
 
@@ -403,6 +417,8 @@ def fp8_dot_general(
     config: the `DotConfig`.
     state: 'delayed' only: `{'lhs', 'rhs', 'grad'}` amax histories; the gradient with
       respect to `state` is the updated state.
+    stats_probe: per-tensor scaling only: a zero float32 [3, 5] array whose gradient is the
+      statistics of the input, weight and output gradient (`mpxla.nn.fp8_stats`).
   """
   del precision, out_sharding
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -415,6 +431,8 @@ def fp8_dot_general(
   dn = ((tuple(int(i) for i in lc), tuple(int(i) for i in rc)),
         (tuple(int(i) for i in lb), tuple(int(i) for i in rb)))
   if config.scaling in ("block", "mx"):
+    if stats_probe is not None:
+      raise ValueError(f"stats_probe is for per-tensor scaling, not {config.scaling!r}.")
     if state is not None:
       raise ValueError(f"state= is for scaling='delayed'; {config.scaling!r} scaling keeps "
                        "no state.")
@@ -443,7 +461,7 @@ def fp8_dot_general(
     raise ValueError(
         "scaling='delayed' inside shard_map needs DotConfig(axis_name=...) so that every "
         "device computes the same global amaxes (the state is the same on every device).")
-  return _tensor_dot(spec, lhs, rhs, lq, rq, state, amaxes)
+  return _tensor_dot(spec, lhs, rhs, lq, rq, state, amaxes, stats_probe)
 
 
 def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
@@ -489,10 +507,11 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
 def fp8_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, *, precision: Any = None,
                preferred_element_type: Any = None, out_sharding: Any = None,
                config: DotConfig = DotConfig(),
-               state: dict[str, jax.Array] | None = None) -> jax.Array:
+               state: dict[str, jax.Array] | None = None,
+               stats_probe: jax.Array | None = None) -> jax.Array:
   """Two-operand einsum as one `fp8_dot_general` (lhs: activation, rhs: weight)."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   dn, perm = einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)
   out = fp8_dot_general(lhs, rhs, dn, precision, preferred_element_type, out_sharding,
-                        config=config, state=state)
+                        config=config, state=state, stats_probe=stats_probe)
   return out if perm == tuple(range(out.ndim)) else jax.lax.transpose(out, perm)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mpxla import quant
-from mpxla.nn import _layers
+from mpxla.nn import _layers, fp8_stats
 from mpxla.nn._plan import Plan, Session, session
 from mpxla.nn.delayed import COLLECTION, HISTORY_NAMES
 from mpxla.quant import tracing
@@ -72,7 +72,11 @@ def _linear_op(m, sess: Session, path: str, kind: str, remat: bool, einsum: bool
   sess.note(path, _layers.describe_recipe(recipe, kind))
   if recipe is None or recipe.linear is None:
     return _layers.keep_op(einsum) if remat else None
-  return _layers.fp8_op(recipe, _delayed_state(m, recipe, sess, path), einsum)
+  probe = None
+  if _layers.wants_stats(recipe):
+    probe = m.variable(fp8_stats.COLLECTION, fp8_stats.PROBE, jnp.zeros,
+                       (len(fp8_stats.TENSORS), len(fp8_stats.STATS)), jnp.float32).value
+  return _layers.fp8_op(recipe, _delayed_state(m, recipe, sess, path), einsum, probe)
 
 
 def _dense(m, next_fun, args, kwargs, sess: Session, remat: bool):

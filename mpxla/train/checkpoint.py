@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 # stays the same).
 RESUMABLE_KEYS = ("total_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints",
                   "progress", "eval_batches", "plot", "data.cache_dir", "mesh.data", "mesh.fsdp",
-                  "mesh.tensor", "mesh.expert")
+                  "mesh.tensor", "mesh.expert", "fp8_stats_every")
 
 
 # Keys added to the configs after workdirs were made, with the value those runs used: a key

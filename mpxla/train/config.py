@@ -92,6 +92,7 @@ RANGES = {
     "checkpoint_every": (1, "steps between checkpoints"),
     "keep_checkpoints": (1, "checkpoints kept on disk"),
     "eval_batches": (0, "validation batches per evaluation; 0 = one exact pass"),
+    "fp8_stats_every": (0, "steps between FP8 statistics (mpxla.nn.fp8_stats); 0 = off"),
     "data.batch_size": (1, "the global batch size"),
     "data.seq_len": (1, "tokens per sequence"),
     "optim.warmup_steps": (0, "learning-rate warmup steps"),

@@ -151,3 +151,56 @@ def plot_losses(workdir: pathlib.Path, records: list[dict[str, float]],
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def _fp8_series(records: list[dict[str, float]], stat: str):
+  """(steps, tensor names '<layer>/<tensor>', values [tensors, steps]) of one FP8 statistic."""
+  rows = [r for r in records if any(k.startswith("fp8/") for k in r)]
+  names = sorted({k[4:-len(stat) - 1] for r in rows for k in r
+                  if k.startswith("fp8/") and k.endswith("/" + stat)})
+  values = np.array([[r.get(f"fp8/{n}/{stat}", np.nan) for r in rows] for n in names])
+  return [r["step"] for r in rows], names, values
+
+
+def plot_fp8_heatmap(workdir: pathlib.Path, records: list[dict[str, float]]) -> pathlib.Path | None:
+  """Underflow and saturation of every FP8 tensor (rows) at every logged step (columns),
+  saved as workdir/fp8_heatmap.png; None when the run logged no FP8 statistics."""
+  steps, names, under = _fp8_series(records, "underflow")
+  if not names:
+    return None
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  _, _, sat = _fp8_series(records, "saturated")
+  fig, axes = plt.subplots(1, 2, figsize=(11, 2 + 0.16 * len(names)), dpi=100, sharey=True)
+  for ax, values, label in ((axes[0], under, "underflow (nonzero -> 0)"),
+                            (axes[1], sat, "saturated (clipped at max)")):
+    im = ax.imshow(values, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
+    ax.set_title(label, fontsize=9)
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7, rotation=90)
+    ax.set_xlabel("step")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+  axes[0].set_yticks(range(len(names)), names, fontsize=6)
+  fig.tight_layout()
+  path = workdir / "fp8_heatmap.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def fp8_worst_table(stats: dict[str, float], step: int, top: int = 10) -> str:
+  """The `top` FP8 tensors with the largest underflow or saturation (then amax) at `step`."""
+  tensors = sorted({k.rsplit("/", 1)[0] for k in stats})
+  key = lambda t: (max(stats[f"{t}/underflow"], stats[f"{t}/saturated"]),  # noqa: E731
+                   stats[f"{t}/amax"])
+  worst = sorted(tensors, key=key, reverse=True)[:top]
+  width = max(len(t) for t in worst)
+  lines = [f"FP8 statistics at step {step} (the last logged), worst {len(worst)} tensors:",
+           f"  {'tensor'.ljust(width)}  {'amax':>10}  {'scale':>10}  {'underflow':>9}  "
+           f"{'saturated':>9}  {'amax/hist':>9}"]
+  lines += [f"  {t.ljust(width)}  {stats[f'{t}/amax']:10.3g}  {stats[f'{t}/scale']:10.3g}  "
+            f"{stats[f'{t}/underflow']:9.2%}  {stats[f'{t}/saturated']:9.2%}  "
+            f"{stats[f'{t}/amax_ratio']:9.3g}" for t in worst]
+  return "\n".join(lines)

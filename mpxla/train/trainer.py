@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from mpxla import nn as mnn
 from mpxla import optim as mo
+from mpxla.nn import fp8_stats
 from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
 from mpxla.train import checkpoint, monitor, preemption, recipes
@@ -132,23 +133,32 @@ class Trainer:
 
   # --- steps -----------------------------------------------------------------------------
 
-  def _train_step(self, state, batch):
-    """One update, and whether every floating leaf of the new state is finite (per leaf)."""
-    new_state, metrics = self._update(state, batch)
+  def _train_step(self, state, batch, probes=None):
+    """One update, and whether every floating leaf of the new state is finite (per leaf);
+    with fp8_stats `probes`, also the FP8 statistics (their gradient) as metrics['fp8']."""
+    new_state, metrics = self._update(state, batch, probes)
     return new_state, {**metrics, "state_finite": checkpoint.finite_flags(new_state)}
 
-  def _update(self, state, batch):
-    def loss_fn(params, fp8_state):
+  def _update(self, state, batch, probes=None):
+    def loss_fn(params, fp8_state, probes):
       model_state = state["model_state"]
       if fp8_state is not None:
         model_state = {**model_state, FP8_STATE: fp8_state}
-      return self.task.loss(params, model_state, batch, train=True)
+      if probes is None:
+        return self.task.loss(params, model_state, batch, train=True)
+      with fp8_stats.collecting():
+        loss, (metrics, new) = self.task.loss(
+            params, {**model_state, fp8_stats.COLLECTION: probes}, batch, train=True)
+      return loss, (metrics, {k: v for k, v in new.items() if k != fp8_stats.COLLECTION})
 
     # Delayed-scaling amax histories: the gradient with respect to them is their next value
-    # (docs/nn.md); kept as they were if any of it is not finite.
+    # (docs/nn.md); kept as they were if any of it is not finite. That of the fp8_stats
+    # probes is the step's FP8 statistics (mpxla.nn.fp8_stats).
     fp8_state = state["model_state"].get(FP8_STATE)
-    (_, (metrics, model_state)), (grads, new_fp8) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state["params"], fp8_state)
+    (_, (metrics, model_state)), (grads, new_fp8, stats) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(state["params"], fp8_state, probes)
+    if probes is not None:
+      metrics = {**metrics, "fp8": stats}
     if fp8_state is not None:
       model_state = {**model_state, FP8_STATE: jax.lax.cond(
           mnn.all_finite(new_fp8), lambda: new_fp8, lambda: fp8_state)}
@@ -164,13 +174,41 @@ class Trainer:
 
   def compile_train_step(self):
     if self._compiled is None:
-      batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._batch_sharding),
-                           self.task.dummy_batch(self.batch_size))
-      step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self._batch_sharding),
-                     out_shardings=(self.state_shardings, None), donate_argnums=0)
-      with jax.set_mesh(self.mesh):  # layers that name mesh axes (local BatchNorm) see the mesh
-        self._compiled = step.lower(self.abstract_state(), batch).compile()
+      self._compiled = self._compile(self._train_step)
     return self._compiled
+
+  def _compile(self, fn, *extra):
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._batch_sharding),
+                         self.task.dummy_batch(self.batch_size))
+    replicated = NamedSharding(self.mesh, P())
+    step = jax.jit(fn, in_shardings=(self.state_shardings, self._batch_sharding,
+                                     *(replicated for _ in extra)),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+    with jax.set_mesh(self.mesh):  # layers that name mesh axes (local BatchNorm) see the mesh
+      return step.lower(self.abstract_state(), batch, *extra).compile()
+
+  @functools.cached_property
+  def _stats_step(self):
+    """(compiled step, zero probes) of the FP8-statistics step, or None when the run logs none
+    (`fp8_stats_every` 0, or a recipe with no per-tensor-scaled FP8 matmul)."""
+    if not self.config.get("fp8_stats_every", 0):
+      return None
+    batch = self.task.dummy_batch(self.batch_size)
+
+    def probe_tree(state, batch):
+      with fp8_stats.collecting():
+        _, (_, new) = self.task.loss(state["params"], {**state["model_state"],
+                                                       fp8_stats.COLLECTION: {}}, batch, True)
+      return new.get(fp8_stats.COLLECTION, {})
+
+    with jax.set_mesh(self.mesh):
+      shapes = jax.eval_shape(probe_tree, self.abstract_state(), batch)
+    if not jax.tree.leaves(shapes):
+      self._log("fp8_stats_every: this recipe has no FP8 matmul with per-tensor scaling; no "
+                "FP8 statistics are logged.")
+      return None
+    probes = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return self._compile(self._train_step, probes), probes
 
   @functools.cached_property
   def _eval_step(self):
@@ -300,12 +338,22 @@ class Trainer:
     t_start, t_window, count_window, steps_window = time.time(), time.time(), 0.0, 0
     history, postfix = [], {}
     try:
+      every = c.get("fp8_stats_every", 0)
       for step in range(start, c.total_steps):
         batch = self._global(next(data))
-        state, metrics = compiled(state, batch)
+        if every and (step + 1) % every == 0 and self._stats_step is not None:
+          stats_compiled, probes = self._stats_step
+          state, metrics = stats_compiled(state, batch, probes)
+        else:
+          state, metrics = compiled(state, batch)
         metrics = jax.device_get(metrics)
         done = step + 1
+        fp8 = fp8_stats.flatten(metrics.pop("fp8")) if "fp8" in metrics else None
+        if fp8:
+          self._fp8_last = (done, fp8)  # shown if this or a later step stops on a NaN
         self._check_finite(metrics, done, ckpt)
+        if fp8:
+          writer.write(done, **{f"fp8/{k}": v for k, v in fp8.items()})
         count_window += float(metrics["weight"])
         steps_window += 1
         bar.update(1)
@@ -345,6 +393,8 @@ class Trainer:
     loss = float(metrics["loss"])
     last = (f"The last good checkpoint is step {ckpt.latest_step()} in "
             f"{self.workdir / 'checkpoints'}; nothing of step {step} was saved.")
+    if not math.isfinite(loss) or not np.asarray(metrics["state_finite"]).all():
+      self._log_worst_fp8()
     if not math.isfinite(loss):
       raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. {last}")
     flags = np.asarray(metrics["state_finite"])
@@ -352,6 +402,15 @@ class Trainer:
       leaf = checkpoint.floating_paths(self.abstract_state())[int(np.argmin(flags))]
       raise NonFiniteState(f"after step {step} the train state's leaf {leaf} is not finite "
                            f"(the loss, {loss:.4g}, still is); stopping. {last}")
+
+  _fp8_last: tuple[int, dict[str, float]] | None = None
+
+  def _log_worst_fp8(self, top: int = 10) -> None:
+    """The FP8 tensors closest to trouble at the last statistics step, as a console table."""
+    if self._fp8_last is None:
+      return
+    step, stats = self._fp8_last
+    self._log(monitor.fp8_worst_table(stats, step, top))
 
   def _summary(self, history, wall, start, last_step) -> dict[str, Any]:
     records = monitor.read_metrics(self.workdir) if self.is_main else history
@@ -369,6 +428,9 @@ class Trainer:
       if self.config.get("plot", True):
         path = monitor.plot_losses(self.workdir, records, title=self.title)
         summary["plot"] = str(path) if path else None
+        path = monitor.plot_fp8_heatmap(self.workdir, records)
+        if path:
+          summary["fp8_heatmap"] = str(path)
       (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
       self._log(monitor.table("summary:", summary))
     return summary
