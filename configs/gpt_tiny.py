@@ -32,6 +32,7 @@ def get_config(variant: str = "bf16") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.progress = True
   c.plot = True
+  c.fp8_stats_every = 0  # > 0: per-layer FP8 statistics every N steps (docs/nn.md)
 
   c.model = ml_collections.ConfigDict(dict(
       name="gpt", vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
