@@ -129,3 +129,40 @@ def test_missing_peer_at_start_up_fails_in_bounded_time(tmp_path):
       proc.kill()
   assert proc.returncode != 0 and time.monotonic() - t0 < 40
   assert "DEADLINE_EXCEEDED" in err or "timed out" in err.lower(), err[-3000:]
+
+
+MOE_TRAIN = ["-m", "mpxla.train", "--config=configs/gpt_tiny.py:moe", "--config.model.d_model=32",
+             "--config.model.n_layers=2", "--config.model.n_heads=2", "--config.model.n_kv_heads=1",
+             "--config.model.d_ff=64", "--config.model.moe_d_ff=32",
+             "--config.model.attention_impl='dense_jax'", "--config.model.dtype='float32'",
+             "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.total_steps=3",
+             "--config.log_every=1", "--config.eval_every=100", "--config.eval_batches=1",
+             "--config.checkpoint_every=100", "--config.progress=False", "--config.plot=False",
+             "--config.optim.warmup_steps=1", "--config.mesh.data=1", "--config.mesh.expert=4"]
+
+
+def train_moe(workdir, env, cache):
+  env = {**env, "MPXLA_CPU_COLLECTIVES": "gloo", "MPXLA_CACHE": str(cache)}
+  return subprocess.Popen([sys.executable, *MOE_TRAIN, f"--workdir={workdir}"], env=env,
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_expert_parallel_moe_gpt_two_processes_equal_one_process(tmp_path):
+  """The MoE GPT, experts over 'expert' = 4 devices across 2 processes (the all-to-alls cross
+  them over gloo): the losses and gradient norms of 3 steps equal 1 process x 4 devices'
+  (`python -m mpxla.train` in each; slow: ~2.5 min on 2 busy cores)."""
+  coord = f"127.0.0.1:{free_port()}"
+  ref = train_moe(tmp_path / "ref", env_for(4), tmp_path / "cache_ref")
+  workers = [train_moe(tmp_path / "multi", env_for(2, coord, 2, i), tmp_path / f"cache{i}")
+             for i in range(2)]
+  finish([ref, *workers], TIMEOUT_S * 2)
+  read = lambda w: [json.loads(line) for line in  # noqa: E731
+                    (w / "metrics.jsonl").read_text().splitlines()]
+  single = [r for r in read(tmp_path / "ref") if "loss" in r]
+  multi = [r for r in read(tmp_path / "multi") if "loss" in r]
+  assert [r["step"] for r in single] == [r["step"] for r in multi] == [1, 2, 3]
+  for a, b in zip(multi, single, strict=True):
+    for key in ("loss", "grad_norm"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"step {a['step']}: {key}")
+  assert single[-1]["loss"] < single[0]["loss"]
