@@ -1,7 +1,8 @@
 """python -m mpxla.train --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...] [--aot]
 
 Trains (resuming from the latest checkpoint in DIR), or with --aot compiles the train
-step for the config and mesh without running it and prints the memory breakdown.
+step for the config and mesh without running it and prints the memory breakdown and the
+step's compiled FLOPs per device (JSON).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def parse(argv: list[str]):
   parser = argparse.ArgumentParser(prog="python -m mpxla.train", description=__doc__.split("\n\n")[1])
   parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   parser.add_argument("--workdir", help="where checkpoints, metrics and plots go (required unless --aot)")
-  parser.add_argument("--aot", action="store_true", help="compile only; print the memory breakdown as JSON")
+  parser.add_argument("--aot", action="store_true", help="compile only; print the memory breakdown and "
+                      "the step's compiled FLOPs per device as JSON")
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:

@@ -250,10 +250,23 @@ class Trainer:
 
   # --- the run ---------------------------------------------------------------------------
 
-  def aot(self) -> dict[str, int]:
-    """Compiles the train step without running it; returns the per-device memory breakdown."""
+  @staticmethod
+  def compiled_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled program (`cost_analysis()['flops']`: one device's
+    partitioned program), None where the backend gives none. JAX versions return a dict,
+    a list of one dict per program, or None."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+      cost = cost[0] if cost else None
+    flops = None if cost is None else cost.get("flops")
+    return None if flops is None else float(flops)
+
+  def aot(self) -> dict[str, Any]:
+    """Compiles the train step without running it; returns the per-device memory breakdown
+    and the step's compiled FLOPs per device ('flops', `compiled_flops`)."""
     compiled = self.compile_train_step()
-    return monitor.memory_breakdown(self.abstract_state(), compiled)
+    return {**monitor.memory_breakdown(self.abstract_state(), compiled),
+            "flops": self.compiled_flops(compiled)}
 
   def run(self) -> dict[str, Any]:
     """Trains from the latest good checkpoint to `total_steps` (docs/train.md, Faults)."""
