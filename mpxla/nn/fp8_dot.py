@@ -52,7 +52,8 @@ from jax.sharding import PartitionSpec as P
 
 from mpxla import formats, quant
 from mpxla.nn import flow, fp8_stats
-from mpxla.quant.sharding import match_varying, varying_axes
+from mpxla import parallel
+from mpxla.quant.sharding import explicit_sharding, match_varying, varying_axes
 from mpxla.quant.tracing import after, tag, zero_cotangent
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -72,6 +73,11 @@ class DotConfig:
     history: length of the amax history ('delayed').
     block: group/tile size ('block').
     axis_name: mesh axes for a global per-tensor amax inside `shard_map`.
+    gather_weight: per-tensor scaling under `jit` with a mesh (FSDP): the weight is cast to
+      FP8 shard by shard (one global amax) and its codes are all-gathered as uint8, so the
+      gather moves 1 byte per element (no backend can widen it), in the forward and again in
+      the backward; the matmul consumes the gathered codes. Replicates the weight over the
+      whole mesh: for FSDP/data parallelism, not with tensor parallelism.
   """
 
   scaling: str = "tensor"
@@ -81,6 +87,7 @@ class DotConfig:
   history: int = 16
   block: int = 128
   axis_name: str | tuple[str, ...] | None = None
+  gather_weight: bool = False
 
   def __post_init__(self):
     if self.scaling not in SCALINGS:
@@ -193,8 +200,40 @@ def _history_amax(state, key):
   return None if state is None else quant.amax_from_history(state[key])
 
 
+def _gathered(codes, config: DotConfig):
+  """The weight's codes all-gathered over the mesh's 'fsdp' axis as uint8 inside `shard_map`
+  (`gather_weight`), so the collective moves 1 byte per element on every backend.
+
+  The shard layout is the codes' own on Explicit meshes, else the trainer's rule for
+  parameters (`parallel.fsdp_spec`: the largest dimension divisible by the axis); codes laid
+  out otherwise are first resharded to it by XLA (correct, one more collective).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not config.gather_weight or mesh.empty or mesh.manual_axes
+      or mesh.shape.get("fsdp", 1) == 1):
+    return codes
+  if explicit_sharding(codes):
+    spec = jax.typeof(codes).sharding.spec
+  else:
+    spec = parallel.mesh.fsdp_spec(codes.shape, mesh.shape["fsdp"])
+  entries = tuple(spec) + (None,) * (codes.ndim - len(tuple(spec)))
+  if "fsdp" not in entries:
+    return codes
+  dim = entries.index("fsdp")
+
+  def gather(u8):
+    return jax.lax.all_gather(u8, "fsdp", axis=dim, tiled=True)
+
+  u8 = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+  # The tiled all-gather is the same on every device (JAX types it as varying).
+  out = jax.shard_map(gather, mesh=mesh, in_specs=P(*entries), out_specs=P(),
+                      check_vma=False)(u8)
+  return jax.lax.bitcast_convert_type(out, codes.dtype)
+
+
 def _tensor_dot_fwd(spec, lhs, rhs, lq, rq, state, amaxes, probe):
-  out = jax.lax.dot_general(lq.codes, rq.codes, spec.dn, preferred_element_type=jnp.float32)
+  out = jax.lax.dot_general(lq.codes, _gathered(rq.codes, spec.config), spec.dn,
+                            preferred_element_type=jnp.float32)
   out = (out * (lq.scales * rq.scales)).astype(spec.out_dtype)
   stats = None
   if probe is not None:  # fp8_stats: the input and weight rows, from this forward pass
@@ -228,8 +267,8 @@ def _tensor_dot_bwd(spec, res, g):
   drhs = _transpose_rhs(gq.codes, _codes_after(lq, gq.scales), spec.dn, rq.codes.ndim,
                         like=rq.codes) * (gq.scales * lq.scales)
   drhs = after(drhs.astype(spec.rhs_dtype), gq.scales)  # complete before dx starts
-  dlhs = _transpose_lhs(_codes_after(gq, drhs), _codes_after(rq, gq.scales), spec.dn,
-                        lq.codes.ndim, like=lq.codes) * (gq.scales * rq.scales)
+  dlhs = _transpose_lhs(_codes_after(gq, drhs), _gathered(_codes_after(rq, gq.scales), c),
+                        spec.dn, lq.codes.ndim, like=lq.codes) * (gq.scales * rq.scales)
   if state is None:
     new_state = None
   else:  # Overwrite-with-gradient: the "gradient" of the histories is their next value.

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from mpxla.quant.sharding import explicit_sharding, input_mesh
 
 FP8 = "mpxla_fp8"  # FP8 codes, scales and amaxes kept for the backward pass.
 KEEP = "mpxla_keep"  # Inputs of layers kept in high precision (saved as they are).
@@ -43,7 +46,16 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
   """
   if x.dtype.itemsize not in (1, 2, 4):  # (float64) no such hint: x as it is
     return x
-  return _after(x, tuple(jnp.asarray(d).reshape(-1)[:1] for d in deps))
+  return _after(x, tuple(_first(d) for d in deps))
+
+
+def _first(d) -> jax.Array:
+  """d's first element as a [1] array (also for d sharded over Explicit mesh axes)."""
+  d = jnp.asarray(d)
+  if not explicit_sharding(d):
+    return d.reshape(-1)[:1]
+  with input_mesh(d):  # one element, not a relayout of d
+    return jax.sharding.auto_axes(lambda a: a[(0,) * a.ndim].reshape(1), out_sharding=P())(d)
 
 
 @jax.custom_jvp
