@@ -35,6 +35,14 @@ Dispatch groups: with x of rank >= 3 ([B, ..., D]) every row of the leading axis
 group (sorted independently, vmapped), so a batch sharded over its leading axis never
 moves; a rank-2 x [S, D] is one group. Dropless results do not depend on the grouping.
 
+Expert parallelism (`expert_axis`, default 'expert'): when the context mesh
+(`jax.set_mesh`, else x's sharding type) has that axis with size N > 1 and not Manual, the
+sparse dispatch shards the E experts over it (E / N per device) and moves each device's
+pairs to their experts' devices by padded all-to-all inside `jax.shard_map`
+(mpxla.parallel.experts: R = T_l k rows per destination dropless, min(T_l k, G_l (E / N) C)
+with a capacity); the batch stays split over the batch axes. E must be a multiple of N and
+x's leading axis of the batch shards (ValueError otherwise). None: replicated experts.
+
 Capacity (`capacity_factor`, None = dropless): each expert takes at most
 C = ceil(capacity_factor * S * k / E) pairs per group of S tokens; pairs are admitted in
 batch order (token-major, then slot), so the later tokens are dropped first. A dropped pair
