@@ -4,6 +4,7 @@
   set before JAX is imported (XLA_FLAGS with the simulated device count, JAX_PLATFORMS=cpu);
 * `settings`: a section's settings from `configs/experiments/<name>.py:quick|full`;
 * `trainer_config`: a trainer config with dotted overrides; `sweep`: every run of a grid;
+  `restore`: a trainer workdir's latest checkpoint; `param_leaves`: a config's parameter shapes;
 * `metadata`, `save`, `load`: the run's metadata (timings, versions, git state, source hash) and
   its results.json;
 * `table`, `band`, `style`, `save_figure`: markdown tables and plots;
@@ -166,6 +167,43 @@ def schedule(steps: int, warmup_cap: int | None = 30) -> dict[str, int]:
   return {"total_steps": steps, "checkpoint_every": steps, "keep_checkpoints": 1,
           "progress": False, "plot": False, "optim.decay_steps": steps,
           "optim.warmup_steps": min(warmup_cap, warm) if warmup_cap else warm}
+
+
+def restore(workdir, trainer=None, one_device: bool = False):
+  """(trainer, step, state) of the latest checkpoint of a trainer workdir that reads and verifies
+  (Trainer.abstract_state, Checkpointer.restore_latest); the trainer is built from the workdir's
+  config.json unless given, with one_device on whatever devices this process has."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from mpxla.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+
+  workdir = pathlib.Path(workdir)
+  if trainer is None:
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    for k in config.mesh if one_device else ():
+      config.mesh[k] = -1 if k == "data" else 1
+    trainer = Trainer(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+  try:
+    found = ckpt.restore_latest(trainer.abstract_state(), lambda saved, step: None, print)
+  finally:
+    ckpt.close()
+  if found is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+  return trainer, found[0], found[1]
+
+
+def param_leaves(config) -> list[tuple[tuple, Any]]:
+  """[(key path, ShapeDtypeStruct)] of the parameters of a trainer config's model (no compute)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from mpxla.train.tasks import make_task  # pylint: disable=import-outside-toplevel
+
+  task = make_task(config)
+  batch = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), task.dummy_batch(1))
+  return jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(task.init, jax.random.key(0), batch)["params"])[0]
 
 
 def sweep(fn, tag: str, describe, **axes) -> list[dict[str, Any]]:

@@ -1,14 +1,4 @@
-"""Loss parity of the four recipes on the default GPT (settings: configs/experiments/parity.py).
-
-Each run is mpxla's own trainer in a subprocess, one CPU device:
-
-  python -m mpxla.train --config=configs/gpt_tiny.py:RECIPE --workdir=OUT/runs/RECIPE_sSEED
-      --config.seed=SEED --config.total_steps=STEPS --config.eval_every=EVAL_EVERY ...
-
-After the bf16 seed-0 run (and the coat seed-0 run) the final AdamW moments are restored from the
-run's last Orbax checkpoint and written as float32 arrays to OUT/runs/moments_RECIPE_s0.npz,
-keyed 'mu/<param path>' and 'nu/<param path>' (coat's FP8 moments decoded with
-mpxla.optim.decompress); experiments/state_error.py reads them. Quick mode trains in-process.
+"""Loss parity of the recipes on the default GPT (settings and method: configs/experiments/parity.py).
 
   python experiments/parity.py [--out DIR] [--steps 300] [--seeds 0,1,2]
       [--recipes bf16,fp8_linear,coat,hif8] [--eval-every 25] [--reuse] [--quick]
@@ -107,23 +97,9 @@ def train_one(recipe: str, seed: int, workdir: pathlib.Path, s: dict[str, Any], 
 
 
 def restore_state(workdir: pathlib.Path) -> tuple[int, Any, Any]:
-  """(step, state, config) of a trainer workdir's last checkpoint, via the trainer's own code."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  from mpxla.train import checkpoint  # pylint: disable=import-outside-toplevel
-  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
-
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  trainer = Trainer(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state, _ = ckpt.restore(step, trainer.abstract_state())
-  finally:
-    ckpt.close()
-  return step, state, config
+  """(step, state, config) of a trainer workdir's latest checkpoint."""
+  trainer, step, state = H.restore(workdir)
+  return step, state, trainer.config
 
 
 def moments(state: Any) -> dict[str, Any]:
@@ -209,20 +185,10 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
       "steps": s["steps"], "eval_every": s["eval_every"], "eval_batches": s["eval_batches"],
       "model_overrides": H.flatten(s["overrides"]), "runs": runs,
       "table": aggregate(runs, s["recipes"]), "moments": dumps, "goal_pct": GOAL_PCT,
-      "tokens_per_run": s["steps"] * c.data.batch_size * c.data.seq_len, "params": _param_count(c),
+      "tokens_per_run": s["steps"] * c.data.batch_size * c.data.seq_len,
+      "params": int(sum(x.size for _, x in H.param_leaves(c))),
       **H.metadata(start, command or f"python experiments/parity.py --out {out_dir}"
                    + (" --quick" if quick else ""))})
-
-
-def _param_count(c) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mpxla.train.tasks import make_task  # pylint: disable=import-outside-toplevel
-
-  task = make_task(c)
-  batch = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), task.dummy_batch(1))
-  return int(sum(x.size for x in jax.tree.leaves(jax.eval_shape(task.init, jax.random.key(0),
-                                                                batch)["params"])))
 
 
 # --- rendering -----------------------------------------------------------------------------

@@ -7,6 +7,14 @@ Command:  python experiments/parity.py                  (get_config("full"): 12 
 Expected (docs/results.md section 2): coat's mean final validation loss within 1% of bf16's
 (+0.77% on the saved runs); the seed-0 AdamW moments of bf16 and coat are written for
 experiments/state_error.py.
+
+Method: each run is mpxla's own trainer in a subprocess, one CPU device (quick mode: in-process):
+  python -m mpxla.train --config=configs/gpt_tiny.py:RECIPE --workdir=OUT/runs/RECIPE_sSEED
+      --config.seed=SEED --config.total_steps=STEPS --config.eval_every=EVAL_EVERY ...
+(the warmup/cosine schedule stretched to STEPS). After the bf16 and coat seed-0 runs the final
+AdamW moments are restored from the run's last checkpoint and written as float32 arrays to
+OUT/runs/moments_RECIPE_s0.npz, keyed 'mu/<param path>' and 'nu/<param path>' (coat's FP8 moments
+decoded with mpxla.optim.decompress).
 """
 
 import ml_collections
