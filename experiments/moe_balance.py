@@ -1,32 +1,8 @@
-"""Global-batch vs micro-batch load balancing of a small MoE GPT (configs/experiments/moe_balance.py).
+"""Global-batch vs micro-batch load balancing of a small MoE GPT on 8 simulated CPU devices
+(settings and method: configs/experiments/moe_balance.py).
 
     python experiments/moe_balance.py [--out DIR] [--steps 400] [--seeds 0,1,2]
         [--scopes micro_batch,global] [--reuse] [--quick]
-
-Each run is mpxla's own Trainer on `configs/gpt_tiny.py` (bf16 recipe) turned into a small MoE
-GPT (8 experts, top-2, an MoE MLP in every second layer) on 8 simulated CPU devices
-(mesh data=8, global batch 16 sequences, so each device's micro-batch is 2 sequences of 128
-bytes), with the load-balancing loss (Qiu et al. 2025; mpxla.parallel.moe)
-
-    LBL = N_E * sum_i f_i * P_i      (weight `aux_loss_weight` = 0.01, the config's)
-
-computed over `config.model.moe_lbl_scope` = 'micro_batch' (each device's 2 sequences, the
-loss averaged over devices) or 'global' (the whole batch of 16 sequences).
-
-After training, the final checkpoint runs over an evenly spaced sample of validation rows with
-the routers' outputs captured (Flax `capture_intermediates` on `mpxla.nn.moe.TopKRouter`), and
-every token gets a domain: the validation split is the stdlib files packed in path order
-(mpxla.data.corpus), so each token's source file, hence its top-level stdlib package, is known
-exactly (checked against the packed rows). Domains are the top-level packages holding at least
-`MIN_DOMAIN_SHARE` of the validation bytes, the top-level modules ('<modules>'), and 'other'.
-Per MoE layer, counting the k routed (token, slot) pairs of every token:
-
-    share[d, e] = c[d, e] / sum_e' c[d, e']          (each domain's row sums to 1)
-    H(E | d)    = -sum_e share[d, e] log2 share[d, e]  in [0, log2 N_E]
-    I(E; D)     = H(E) - sum_d p(d) H(E | d)          (mutual information expert / domain, bits)
-
-plus I(E; byte class) of the input byte (space, letter, digit, punctuation, other) as a yardstick,
-the LBL of the sample at both scopes, and the validation loss per domain.
 """
 
 from __future__ import annotations
@@ -168,18 +144,6 @@ def make_config(scope: str, seed: int, s: dict[str, Any]):
       "data.batch_size": s["batch_size"]})
 
 
-def restore_final(trainer, workdir: pathlib.Path):
-  """The train state of the last checkpoint of a finished run."""
-  from mpxla.train import checkpoint  # pylint: disable=import-outside-toplevel
-
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
-  try:
-    state, _ = ckpt.restore(ckpt.latest_step(), trainer.abstract_state())
-  finally:
-    ckpt.close()
-  return state
-
-
 def _routers(tree, path=()):
   """{'layer_i/moe': (weights, indices, probs)} from captured intermediates."""
   out = {}
@@ -298,7 +262,7 @@ def train_and_analyse(scope: str, seed: int, s: dict[str, Any], workdir: pathlib
   start = H.clock()
   trainer = Trainer(config, workdir)
   summary = json.loads(summary_path.read_text()) if done else trainer.run()
-  state = restore_final(trainer, workdir)
+  state = H.restore(workdir, trainer)[2]
   ce, routes = forward_with_routing(trainer, state, sample["tokens"], sample["segs"],
                                     s["eval_batch"])
   stats = analyse(ce, routes, sample, s["model"]["num_experts"], s["batch_size"] // DEVICES)
@@ -372,14 +336,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
 
 
 def _param_count(s: dict[str, Any]) -> dict[str, int]:
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mpxla.train.tasks import make_task  # pylint: disable=import-outside-toplevel
-
-  task = make_task(make_config("global", 0, s))
-  batch = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), task.dummy_batch(1))
-  shapes = jax.eval_shape(task.init, jax.random.key(0), batch)["params"]
-  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  leaves = H.param_leaves(make_config("global", 0, s))
   total = sum(x.size for _, x in leaves)
   experts = sum(x.size for p, x in leaves if any(getattr(k, "key", "") == "moe" for k in p)
                 and not any(getattr(k, "key", "") == "router" for k in p))
