@@ -1,32 +1,7 @@
-"""Token permutation on REAL attention maps of the trained GPT (configs/experiments/permutation.py).
+"""Token permutation on REAL attention maps of the trained GPT (settings and method:
+configs/experiments/permutation.py).
 
     python experiments/permutation_real.py [--workdir DIR] [--context 8192] [--quick]
-
-Takes a trained GPT (a Trainer workdir of configs/gpt_tiny.py: by default the parity section's
-bf16 seed-0 run, else one trained here), runs it on the largest validation files of the
-embedded corpus at a context far beyond its 128-token training length (the model uses rotary
-position embeddings, so it runs at any length), and captures every layer's rotated queries,
-keys and values. A second study does the same for the config trained on 2048-token rows
-(trained here; --long-train-len), read at its training length. Per layer and query head it
-computes the causal attention map P[q, t] = softmax_t(q . k_t / sqrt(d)) (t <= q) and:
-
-* block mass   M[i, j] = (1 / |Q_i|) sum_{q in Q_i} sum_{t in K_j} P[q, t], where Q_i is query
-  block i and K_j the keys in slots [j * block_kv, (j + 1) * block_kv) of the key order used
-  (the original order, or a permutation); each row of M sums to 1;
-* blocks for recall r: per query-block row, the fewest key blocks whose mass reaches r
-  (greedy by mass within the row, i.e. an oracle selection from the true map), summed over
-  the rows: the same definition with and without permutation, only the key order differs;
-  also split into blocks in segments before the query block's own and in its own segment;
-* output error of that selection: attention restricted to the kept blocks (softmax
-  renormalized over the kept allowed keys) against dense causal attention, relative L2 over
-  all queries, ||O_sparse - O||_F / ||O||_F.
-
-Permutations: `mpxla.attention.permute_kv`'s (keys sorted within aligned segments by an
-importance estimated from block-pooled queries), and, as an upper bound for a segment sort, the
-same sort by the true importance (the mass each key receives, summed over queries and the
-query heads sharing its kv head). Finally what `permute_kv` itself selects from its own
-estimate at thresholds 0.9 / 0.97, run through `mpxla.attention.attention` with the returned
-BlockMask (impl='xla'): blocks computed, true recall and output error.
 """
 
 from __future__ import annotations
@@ -35,16 +10,12 @@ import base64
 import functools
 import json
 import pathlib
-import shutil
-import tempfile
-import time
 
 import harness as H
 import numpy as np
 
 NAME = "permutation"
 TITLE = "5. Token permutation on real attention maps"
-DEFAULT_PARITY = H.RESULTS / "parity"
 RECALLS = (0.9, 0.97)
 HEADLINE_RECALL = 0.97
 BOUND = "any-permutation bound"  # the fewest blocks any key order could need (a lower bound)
@@ -131,11 +102,6 @@ def segment_sort(importance: np.ndarray, segment: int) -> np.ndarray:
 # Model: find or train a workdir, restore it, capture q/k/v on real text
 
 
-def _parity_workdir(parity: pathlib.Path) -> pathlib.Path | None:
-  wd = parity / "runs" / "bf16_s0"
-  return wd if _has_checkpoint(wd) else None
-
-
 def _has_checkpoint(wd: pathlib.Path) -> bool:
   """A finished run: config.json and a checkpoint of the config's last step."""
   ck = wd / "checkpoints"
@@ -143,12 +109,6 @@ def _has_checkpoint(wd: pathlib.Path) -> bool:
     return False
   last = json.loads((wd / "config.json").read_text())["total_steps"]
   return (ck / str(last)).is_dir()
-
-
-def _busy(wd: pathlib.Path, seconds: float = 300) -> bool:
-  """A workdir whose metrics changed in the last `seconds`: probably training in another process."""
-  m = wd / "metrics.jsonl"
-  return m.is_file() and time.time() - m.stat().st_mtime < seconds
 
 
 def train(workdir: pathlib.Path, quick: bool, seq_len: int | None = None) -> None:
@@ -166,34 +126,16 @@ def train(workdir: pathlib.Path, quick: bool, seq_len: int | None = None) -> Non
   if seq_len:
     c.data.batch_size = max(1, c.data.batch_size * c.data.seq_len // seq_len)
     c.data.seq_len = seq_len
-  if _busy(workdir):
-    raise RuntimeError(f"{workdir} was written in the last minutes, probably by a training run "
-                       f"in another process; wait for it to finish (or remove the directory)")
   Trainer(c, workdir).run()
 
 
 def load(workdir: pathlib.Path):
   """(config, model, variables, step) of the latest checkpoint, restored onto one device."""
   import jax
-  import ml_collections
 
-  from mpxla.train import checkpoint
-  from mpxla.train.trainer import Trainer
-
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  if config.model.name != "gpt":
-    raise ValueError(f"{workdir} holds a {config.model.name!r} run; a GPT workdir is needed")
-  for k in config.mesh:  # restore onto whatever devices this process has
-    config.mesh[k] = -1 if k == "data" else 1
-  trainer = Trainer(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  state, _ = ckpt.restore(step, trainer.abstract_state())
-  ckpt.close()
+  trainer, step, state = H.restore(workdir, one_device=True)
   variables = {"params": state["params"], **state["model_state"]}
-  return config, trainer.task.model, jax.device_get(variables), step
+  return trainer.config, trainer.task.model, jax.device_get(variables), step
 
 
 def documents(context: int, n: int, val_percent: int) -> list[tuple[str, np.ndarray]]:
@@ -420,61 +362,48 @@ def study(wd: pathlib.Path, source: str, context: int, docs: int, block: int, se
 
 
 def run(out_dir: pathlib.Path, quick: bool = False, workdir: str | None = None,
-        parity=DEFAULT_PARITY, context: int | None = None,
-        docs: int | None = None, block: int | None = None, segments=None,
-        long_train_len: int | None = None, command: str | None = None) -> dict:
+        context: int | None = None, docs: int | None = None, block: int | None = None,
+        segments=None, long_train_len: int | None = None, command: str | None = None) -> dict:
   """Runs the analysis and writes out_dir/results.json.
 
   The main study: the given workdir, else the parity section's bf16 seed-0 run, else
-  configs/gpt_tiny.py trained into out_dir/runs/gpt_tiny (quick: a tiny model trained in a
-  temporary directory). long_train_len L > 0 adds a second study: the same config trained on
-  L-token rows (out_dir/runs/gpt_tiny_L{L}, trained if missing), read at its training length.
+  configs/gpt_tiny.py trained into out_dir/runs/gpt_tiny (quick: a tiny model, runs/gpt_quick).
+  long_train_len L > 0 adds a second study: the same config trained on L-token rows
+  (out_dir/runs/gpt_tiny_L{L}, trained if missing), read at its training length.
   """
-  start = H.clock()
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  p = H.settings(NAME, quick, context=context, docs=docs, block=block, segments=segments,
-                 long_train_len=long_train_len)
+  out_dir, p, start = H.begin(NAME, quick, out_dir, context=context, docs=docs, block=block,
+                              segments=segments, long_train_len=long_train_len)
   blk, segs = p["block"], tuple(p["segments"])
   for ctx in (p["context"], p["long_train_len"] or blk * max(segs)):
     if ctx % blk or any(s % blk or ctx % s for s in segs):
       raise ValueError(f"context {ctx} must be a multiple of --block={blk} and of every segment "
                        f"{segs}, and segments multiples of the block")
-  tmp = None
+  parity = H.RESULTS / "parity" / "runs" / "bf16_s0"
   if workdir is not None:
     wd, source = pathlib.Path(workdir), "given with --workdir"
     if not _has_checkpoint(wd):
       raise FileNotFoundError(f"--workdir={wd}: no finished run there (config.json and a "
                               f"checkpoint of its last step)")
-  elif not quick and _parity_workdir(pathlib.Path(parity)) is not None:
-    wd, source = _parity_workdir(pathlib.Path(parity)), "the parity section's bf16 seed-0 run"
+  elif not quick and _has_checkpoint(parity):
+    wd, source = parity, "the parity section's bf16 seed-0 run"
   else:
-    if quick:
-      tmp = pathlib.Path(tempfile.mkdtemp(prefix="mpxla_perm_"))
-      wd, source = tmp / "gpt", "trained here (quick: 2 narrow layers, 2 steps)"
-    else:
-      wd, source = out_dir / "runs" / "gpt_tiny", "configs/gpt_tiny.py trained here"
+    wd = out_dir / "runs" / ("gpt_quick" if quick else "gpt_tiny")
+    source = ("trained here (quick: 2 narrow layers, 2 steps)" if quick
+              else "configs/gpt_tiny.py trained here")
     if not _has_checkpoint(wd):
       print(f"training a model into {wd} ...", flush=True)
       train(wd, quick)
-  try:
-    main_study = study(wd, source, p["context"], p["docs"], blk, segs, p["estimates"],
-                       p.get("select_recalls"))
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
-  if tmp is not None:
-    main_study["model"]["workdir"] = "(temporary)"
-  extra = []
+  studies = [study(wd, source, p["context"], p["docs"], blk, segs, p["estimates"],
+                   p.get("select_recalls"))]
   if p["long_train_len"]:
     n = p["long_train_len"]
     wd = out_dir / "runs" / f"gpt_tiny_L{n}"
     if not _has_checkpoint(wd):
       print(f"training a model on {n}-token rows into {wd} ...", flush=True)
       train(wd, False, seq_len=n)
-    extra.append(study(wd, f"configs/gpt_tiny.py trained here on {n}-token rows", n, p["docs"],
-                       blk, segs, p["estimates"]))
-  return H.save(out_dir, {"quick": quick, **main_study, "extra": extra, **H.metadata(
+    studies.append(study(wd, f"configs/gpt_tiny.py trained here on {n}-token rows", n,
+                         p["docs"], blk, segs, p["estimates"]))
+  return H.save(out_dir, {"quick": quick, **studies[0], "extra": studies[1:], **H.metadata(
       start, command or "python experiments/permutation_real.py" + (" --quick" if quick else ""))},
                 indent=None)
 
@@ -553,10 +482,11 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   return [bars, maps]
 
 
-def _per_layer(n_layers: int, recalls, cells) -> list[str]:
-  """Table rows per (layer, then all layers; recall): cells(layer or None, recall)."""
-  return [f"| {'**all**' if li is None else li} | {r:.0%} | " + " | ".join(cells(li, r)) + " |"
-          for li in list(range(n_layers)) + [None] for r in recalls]
+def _per_layer(n_layers: int, recalls, columns, cells) -> list[str]:
+  """A table with a row per (layer, then all layers; recall): cells(layer or None, recall)."""
+  return H.table(["layer", "recall", *columns], [
+      ["**all**" if li is None else li, f"{r:.0%}", *cells(li, r)]
+      for li in list(range(n_layers)) + [None] for r in recalls])
 
 
 def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
@@ -585,59 +515,50 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
       "Blocks needed (oracle selection), mean over heads; in brackets the reduction against no "
       "permutation:",
       "",
-      "| layer | recall | " + " | ".join(variants) + " |",
-      "|---|---|" + "---|" * len(variants),
   ]
   def blocks(li, r):
     base = _layer_mean(heads, li, "blocks", "none", r)
     return [f"{v:.0f}" if var == "none" else f"{v:.0f} ({base / v:.2f}x)"
             for var in variants for v in [_layer_mean(heads, li, "blocks", var, r)]]
 
-  lines += _per_layer(n_layers, st["recalls"], blocks)
+  lines += _per_layer(n_layers, st["recalls"], variants, blocks)
   lines += ["", "Where those blocks lie (all heads): in segments wholly before the query "
             "block's own segment (*earlier*, where a segment sort can gather heavy keys) or in "
             "the query block's own segment (*diagonal*, where permuted keys are only partly "
-            "visible):", "",
-            "| segment | recall | no permutation: earlier | diagonal | permute_kv: earlier | "
-            "diagonal | true-importance: earlier | diagonal |", "|---|---|---|---|---|---|---|---|"]
-  for seg in st["segments"]:
-    for r in st["recalls"]:
-      cells = []
-      for var, key in (("none", f"none s{seg}"), (f"permute_kv s{seg}",) * 2,
-                       (f"true-importance s{seg}",) * 2):
-        total = _layer_mean(heads, None, "blocks", var, r)
-        far_ = _layer_mean(heads, None, "far", key, r)
-        cells += [f"{far_:.0f}", f"{total - far_:.0f}"]
-      lines.append(f"| {seg} | {r:.0%} | " + " | ".join(cells) + " |")
+            "visible):", ""]
+  def where(seg, r):
+    for var, key in (("none", f"none s{seg}"), (f"permute_kv s{seg}",) * 2,
+                     (f"true-importance s{seg}",) * 2):
+      far_ = _layer_mean(heads, None, "far", key, r)
+      yield from (f"{far_:.0f}", f"{_layer_mean(heads, None, 'blocks', var, r) - far_:.0f}")
+
+  lines += H.table(["segment", "recall"] + [f"{v}: earlier" if i % 2 == 0 else "diagonal" for i, v in
+                                             enumerate(("no permutation",) * 2 + ("permute_kv",) * 2
+                                                       + ("true-importance",) * 2)],
+                   [[seg, f"{r:.0%}", *where(seg, r)] for seg in st["segments"] for r in st["recalls"]])
   lines += ["", f"![blocks per layer]({bars})", "",
             "Output error of those selections (relative L2 against dense attention), mean over "
-            "heads:", "",
-            "| layer | recall | " + " | ".join(ordered) + " |",
-            "|---|---|" + "---|" * len(ordered)]
-  lines += _per_layer(n_layers, st["recalls"], lambda li, r: [
+            "heads:", ""]
+  lines += _per_layer(n_layers, st["recalls"], ordered, lambda li, r: [
       f"{_layer_mean(heads, li, 'error', var, r):.4f}" for var in ordered])
   lines += ["", "What `permute_kv` selects from its own estimate (threshold = target recall): "
             "blocks listed by the returned BlockMask, the true recall they hold, and the output "
             "error of `mpxla.attention.attention(q, p.k, p.v, mask=p.block_mask, impl='xla')` "
-            "against dense attention; mean over all heads:", "",
-            "| keys | threshold | " + " | ".join(f"{e} estimate: blocks | recall | error"
-                                                for e in st["estimates"]) + " |",
-            "|---|---|" + "---|---|---|" * len(st["estimates"])]
-  for name in st["selections"]:
-    for r in st.get("select_recalls", st["recalls"]):
-      cells = []
-      for est in st["estimates"]:
-        sel = [hd["select"][f"{name}|{est}|{r}"] for hd in heads]
-        cells += [f"{np.mean([s['blocks'] for s in sel]):.0f}",
-                  f"{np.mean([s['recall'] for s in sel]):.3f}",
-                  f"{np.mean([s['error'] for s in sel]):.4f}"]
-      lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
+            "against dense attention; mean over all heads:", ""]
+  def selected(name, r):
+    for est in st["estimates"]:
+      sel = [hd["select"][f"{name}|{est}|{r}"] for hd in heads]
+      yield from (f"{np.mean([s[k] for s in sel]):{f}}"
+                  for k, f in (("blocks", ".0f"), ("recall", ".3f"), ("error", ".4f")))
+
+  lines += H.table(["keys", "threshold"] + [c for e in st["estimates"] for c in (
+      f"{e} estimate: blocks", "recall", "error")], [
+          [name, r, *selected(name, r)] for name in st["selections"]
+          for r in st.get("select_recalls", st["recalls"])])
   r = HEADLINE_RECALL
-  lines += ["", f"<details><summary>Blocks per head, {r:.0%} recall</summary>", "",
-            "| layer | head | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
-  for hd in heads:
-    lines.append(f"| {hd['layer']} | {hd['head']} | " + " | ".join(
-        f"{hd['blocks'][v][str(r)]:.0f}" for v in variants) + " |")
+  lines += ["", f"<details><summary>Blocks per head, {r:.0%} recall</summary>", ""] + H.table(
+      ["layer", "head", *variants], [[hd["layer"], hd["head"]] + [
+          f"{hd['blocks'][v][str(r)]:.0f}" for v in variants] for hd in heads])
   lines += ["", "</details>", "", f"![block-mass maps]({maps})", ""]
   return lines
 
@@ -661,14 +582,13 @@ def main(argv=None):
   args, command = H.cli(__doc__, NAME, argv, script="permutation_real.py", options=(
       ("--workdir", dict(help="a Trainer workdir of configs/gpt_tiny.py (default: the parity "
                          "section's bf16 seed-0 run, else one trained into OUT/runs/gpt_tiny)")),
-      ("--parity", dict(default=str(DEFAULT_PARITY), help="the parity section's results")),
       ("--context", dict(type=int, help="tokens (default 8192)")),
       ("--docs", dict(type=int, help="documents (default 2)")),
       ("--block", dict(type=int, help="block_q = block_kv (default 64)")),
       ("--segments", dict(type=H.ints, help="comma-separated permutation segment lengths")),
       ("--long-train-len", dict(type=int, help="also study the config trained on rows of this "
                                 "length, read at it (default 2048; 0: skip)"))))
-  run(args.out, quick=args.quick, workdir=args.workdir, parity=args.parity, context=args.context,
+  run(args.out, quick=args.quick, workdir=args.workdir, context=args.context,
       docs=args.docs, block=args.block, segments=args.segments,
       long_train_len=args.long_train_len, command=command)
   print(f"$ {command}")
