@@ -1,21 +1,6 @@
 """Quantization error of real AdamW states by format and expansion (COAT's Table 1 layout).
 
-Settings: configs/experiments/state_error.py.
-
-Input: the float32 moments m (mu) and v (nu) of the parity run's bf16 seed-0 model after its last
-step (`<parity>/runs/moments_bf16_s0.npz`, written by experiments/parity.py). In quick mode, or
-if that file is missing, a tiny GPT is trained for a few steps here and its moments are used.
-
-Each moment goes through mpxla.optim's codec (compress -> decompress, groups of 128 along each
-leaf's last axis, every leaf compressed) in E4M3, E5M2 or HiF8, with or without COAT's dynamic
-range expansion. A cell of the table is the error of the update direction
-
-  u = m / (sqrt(v) + eps),   eps = 1e-8 (the config's AdamW eps; raw moments, no bias correction)
-
-  MSE = mean((u_q - u)^2) over all elements,   normalized MSE = MSE / mean(u^2),
-
-u_q from the dequantized moments, u in float64 from the float32 moments. Also the distribution of
-the expansion exponent k (stored as k16 = 16 k) over the groups of m and of v.
+Settings and method: configs/experiments/state_error.py.
 
   python experiments/state_error.py [--out DIR] [--parity DIR] [--quick]
 """
@@ -62,41 +47,22 @@ def load_moments(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def train_tiny(steps: int = _S["train_steps"], seed: int = 0) -> tuple[dict, dict, dict]:
-  """Trains a miniature default GPT (the bf16 recipe's AdamW) `steps` steps -> (m, v, info)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  """Trains a miniature default GPT (bf16: AdamW) `steps` steps with mpxla's Trainer in a
+  temporary workdir -> (m, v, info) of its last checkpoint."""
+  import tempfile  # pylint: disable=import-outside-toplevel
 
-  from mpxla.data import BatchIterator, make_source  # pylint: disable=import-outside-toplevel
-  from mpxla.train import recipes  # pylint: disable=import-outside-toplevel
-  from mpxla.train.tasks import make_task  # pylint: disable=import-outside-toplevel
+  import parity  # pylint: disable=import-outside-toplevel
+
+  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
   tiny = dict(H.flatten(_S["tiny"]), **{"optim.decay_steps": steps})
-  c = H.trainer_config("configs/gpt_tiny.py", tiny)
-  task, tx = make_task(c), recipes.make_optimizer(c)
-  data = BatchIterator(make_source(c.data, "train"), c.data.batch_size, seed=seed, shuffle=True)
-  batch = {k: jax.numpy.asarray(v) for k, v in next(data).items()}
-  params = jax.jit(task.init)(jax.random.key(seed), batch)["params"]
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    grads = jax.grad(lambda p: task.loss(p, {}, batch, train=True)[0])(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  for _ in range(steps):
-    params, opt_state = step(params, opt_state, batch)
-    batch = {k: jax.numpy.asarray(v) for k, v in next(data).items()}
-  adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "mu"))
-          if hasattr(s, "mu")]
-
-  def flat(t):
-    return {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x, np.float32)
-            for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
-
-  info = {"source": f"tiny GPT trained here ({steps} steps, {tiny})", "step": steps}
-  return flat(adam[0].mu), flat(adam[0].nu), info
+  c = H.trainer_config("configs/gpt_tiny.py", H.schedule(steps), {"eval_batches": 1}, tiny,
+                       {"seed": seed})
+  with tempfile.TemporaryDirectory(prefix="mpxla_state_error_") as wd:
+    Trainer(c, wd).run()
+    arrays = parity.moments(H.restore(wd)[2])
+  mu, nu = ({k[3:]: a for k, a in arrays.items() if k.startswith(f)} for f in ("mu/", "nu/"))
+  return mu, nu, {"source": f"tiny GPT trained here ({steps} steps, {tiny})", "step": steps}
 
 
 # --- the codec -----------------------------------------------------------------------------
@@ -132,30 +98,23 @@ def _quant_hif8():
 
 @functools.cache
 def _scaled_hif8():
-  """jit(tree -> tree through per-group HiF8 with amax -> 15), the codec's no-expansion policies.
+  """jit(tree -> tree through per-group HiF8 with amax -> 15): the codec without expansion
+  (nonzero values never decode to 0), with HiF8's max replaced by HIF8.scale_target = 15."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
 
-  As expansion.encode/decode with expansion=False except the target: t = |x| * 15 / amax (the
-  group max exactly 15), nonzero t clipped up to HiF8's smallest subnormal (never flushed to 0).
-  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from mpxla import formats  # pylint: disable=import-outside-toplevel
+  from mpxla.optim import expansion  # pylint: disable=import-outside-toplevel
 
-  target = formats.HIF8.scale_target
+  fmt = dataclasses.replace(formats.HIF8, max=formats.HIF8.scale_target)
 
   def one(x):
     g = min(GROUP_SIZE, x.shape[-1])
     n_pad = -(-x.shape[-1] // g) * g
     xg = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - x.shape[-1])])
-    xg = xg.reshape(*x.shape[:-1], n_pad // g, g).astype(jnp.float32)
-    ax = jnp.abs(xg)
-    amax = jnp.max(ax, -1, keepdims=True)
-    safe = jnp.where(amax > 0, amax, 1.0)
-    t = jnp.where(ax == amax, target, ax * (target / safe))
-    t = jnp.clip(t, formats.HIF8.min_subnormal, formats.HIF8.max) * jnp.sign(xg)
-    q = formats.upcast(formats.cast(t, "hif8"), "hif8", jnp.float32)
-    y = jnp.where(jnp.abs(q) == target, amax * jnp.sign(q), q * (safe / target))
+    y = expansion.fake_quantize(xg.reshape(*x.shape[:-1], n_pad // g, g), fmt, expansion=False)
     return y.reshape(*x.shape[:-1], n_pad)[..., : x.shape[-1]].astype(x.dtype)
 
   return jax.jit(lambda tree: jax.tree.map(one, tree))
