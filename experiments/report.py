@@ -6,19 +6,16 @@
 
 Each section is a script `experiments/<file>.py` that is also a module with NAME, TITLE,
 run(out_dir, quick), render(out_dir) -> markdown and main(), built on experiments/harness.py.
-This script runs sections only in subprocesses (`python experiments/<file>.py --out DIR [--quick]`, so each sets its own XLA flags before
-importing jax) and calls only `render` (and the optional `headline(out_dir) -> dict[str, str]`,
-label -> value, for the header table) in-process. A section whose module is missing or does not
-import, or that has no results yet, gets a line saying so and which command produces it.
+Sections run only in subprocesses (`python experiments/<file>.py --out DIR [--quick]`: each sets
+its own XLA flags before importing jax); in-process this script calls only `render` (and the
+optional `headline(out_dir) -> {label: value}` for the header table). A section whose module is
+missing, does not import or has no results yet gets a line saying which command produces it.
 Image and link targets in a section's markdown may be relative to its results directory (or to
 the repository root); they are rewritten relative to the written results.md.
 
-Hand-written text: everything `render` produces is computed from the saved results (tables,
-figures, headline values) except the interpretation, which is written by hand in
-docs/results_prose.md as blocks headed `<!-- prose SECTION/SLOT -->`; `render` places each block
-with `harness.prose(SECTION, SLOT)` (in quick mode after a note that the numbers are a
-miniature's). Regenerating the page therefore never loses or rewrites that text: edit it there,
-not in docs/results.md. Settings of the sections: configs/experiments/<name>.py.
+Hand-written text (the interpretation) lives in docs/results_prose.md, placed by `render` with
+`harness.prose(SECTION, SLOT)`; edit it there, not in docs/results.md. Settings of the sections:
+configs/experiments/<name>.py.
 
 Exit status: 1 if a section run failed or a render/headline raised (the page is still written),
 or, with --strict, if a section module or its results are missing; else 0.
