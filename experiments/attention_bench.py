@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import permutation_real as PR
 
 from mpxla import attention as A
 from mpxla.attention import xla
@@ -115,25 +116,14 @@ def bench_permutation(s, block, heads, head_dim, segments, heavy_frac, recall):
   k = r.normal(size=(1, s, heads, head_dim)) + heavy[None, :, None, None] * u * 8.0
   q = r.normal(size=(1, s, heads, head_dim)) + u * 8.0
   q, k = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
-  scale = head_dim ** -0.5
   nb = s // block
-
-  @jax.jit
-  def block_mass(q_h, k_h, perm):
-    """[nq, nk] attention mass per block (mean over the block's queries), keys in perm order."""
-    sc = (q_h @ k_h[perm].T) * scale
-    sc = jnp.where(perm[None, :] <= jnp.arange(s)[:, None], sc, -jnp.inf)
-    p = jax.nn.softmax(sc, axis=-1)
-    return p.reshape(nb, block, nb, block).sum((1, 3)) / block
+  block_mass = jax.jit(lambda q_h, k_h, perm: PR.block_mass(PR.causal_probs(q_h, k_h), perm,
+                                                           block, block))
 
   def needed(perm):
     """Mean over (head, query block) of the fewest key blocks reaching `recall` of the mass."""
-    counts = []
-    for h in range(heads):
-      mass = np.asarray(block_mass(q[0, :, h], k[0, :, h], jnp.asarray(perm[h])))
-      srt = -np.sort(-mass, axis=-1)
-      counts.append((np.cumsum(srt, axis=-1) < recall).sum(-1) + 1)
-    return float(np.mean(counts))
+    return float(np.mean([PR.blocks_for_recall(np.asarray(block_mass(
+        q[0, :, h], k[0, :, h], jnp.asarray(perm[h]))), recall) for h in range(heads)]))
 
   def achieved(bm_any, perm):
     """Mean recall and density of a selected BlockMask."""

@@ -1,24 +1,11 @@
 """FP8 activations: saved-for-backward bytes, compiled temp bytes and error per recipe.
 
-Command: python experiments/fp8_activations.py            (4 CPU-minutes; 6 to 17 minutes on
-                                                           2 shared CPU cores)
-         python experiments/fp8_activations.py --quick    (smaller shapes, for a smoke run)
-Hardware: any CPU. The script sets XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
-(the memory-minimizing schedule accelerators use) before importing JAX.
-
-Models, both stock Flax Linen layers wrapped with `mpxla.nn.quantize` (unmodified):
-  (a) 12 SwiGLU MLP blocks: x + down(silu(gate(rms(x))) * up(rms(x))), BF16 compute.
-  (b) one Llama block: RMSNorm, q/k/v DenseGeneral + rotary embeddings, causal attention,
-      out DenseGeneral, RMSNorm, SwiGLU MLP. Its attention function is injected: the stock
-      baseline uses `flax.linen.dot_product_attention` (what users have today; it saves the
-      probabilities), the other rows `mpxla.attention.attention(..., impl='xla')` (custom VJP
-      saving q, k, v, out, lse; at this mask density its "dense mode", 128 query rows at a time).
-
-Columns: saved = activation bytes the backward keeps (`saved_residuals`, without arguments and
-without the weight-shaped copies of parameters, which are listed as `weights`); temp = compiled
-temp bytes of jit(grad(loss)); ratios against the stock BF16 baseline; error of the output and
-of each parameter's gradient against the same model in float32 (relative L2 error of the
-output, minimum over parameters of the gradient cosine similarity).
+Command: python experiments/fp8_activations.py [--quick]   (4 CPU-minutes; --quick: smaller shapes)
+Models (stock Flax Linen layers wrapped with `mpxla.nn.quantize`): (a) 12 SwiGLU MLP blocks,
+(b) a Llama block (and 4) with injected attention: Flax's `dot_product_attention` (the stock
+baseline) or `mpxla.attention.attention(..., impl='xla')`. Columns and results: docs/nn.md,
+"Measured". XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (the
+memory-minimizing schedule accelerators use) before JAX is imported.
 """
 
 from __future__ import annotations

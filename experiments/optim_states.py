@@ -1,22 +1,14 @@
 """Benchmark of FP8-compressed AdamW states on a GPT-shaped pytree (~110M parameters).
 
-Prints, for optax.adamw (float32 moments) and mpxla.optim.adamw_fp8:
-  - optimizer-state bytes per parameter (COAT's layout computed for comparison),
-  - the jitted update's compiled temp bytes vs the largest leaf's float32 moments,
-  - the jitted update's wall and CPU time (medians of timed runs) as ratios to optax.adamw,
-    also with the state donated as in a train step,
-  - with --breakdown, the codec's pieces (decode, group reduction, encode) per element,
-  - with --stall, the EMA stall case: a second moment whose per-step change is below half a
-    code step, round to nearest vs stochastic rounding against the float64 EMA,
-and the codec's error ratios against plain per-group E4M3. adamw_fp8 is timed with its
-default (stochastic rounding) and with rounding='nearest'.
+Prints, for optax.adamw and mpxla.optim.adamw_fp8 (stochastic and nearest rounding): state bytes
+per parameter (COAT's layout for comparison), the update's compiled temp bytes and median wall/CPU
+time (also with the state donated), the codec's error ratios against plain per-group E4M3, and
+optionally the codec's pieces per element (--breakdown) and the EMA stall case (--stall); the
+tables and their reading are in docs/optim.md. XLA_FLAGS gets
+--xla_cpu_enable_concurrency_optimized_scheduler=false before jax is imported.
 
-Run from the repository root:
   .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
   [--bias] [--no-timing] [--breakdown] [--stall]
-
-XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (XLA's
-memory-minimizing schedule) before jax is imported; timings use that schedule too.
 """
 
 from __future__ import annotations
@@ -27,13 +19,7 @@ import shlex
 import sys
 import time
 
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def _set_flags() -> None:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _FLAG not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + _FLAG).strip()
+import harness as H
 
 
 def gpt_shapes(layers: int, d: int, vocab: int, ctx: int, bias: bool) -> dict:
@@ -54,34 +40,20 @@ def gpt_shapes(layers: int, d: int, vocab: int, ctx: int, bias: bool) -> dict:
   return shapes
 
 
-def _median_times(fns: dict, args: dict, warmup: int, iters: int) -> dict:
+def _median_times(fns: dict, args: dict, warmup: int, iters: int, donated: bool = False) -> dict:
+  """Median (wall, CPU) seconds of each fns[name](*args[name]), runs interleaved so load changes
+  hit all alike; donated: the state (args[1]) is fed back from each update, as in a train step."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  for name, f in fns.items():
-    for _ in range(warmup):
-      jax.block_until_ready(f(*args[name]))
+  args = {name: list(a) for name, a in args.items()}
   times = {name: [] for name in fns}
-  for _ in range(iters):  # Interleaved, so load changes hit both alike.
+  for i in range(warmup + iters):
     for name, f in fns.items():
       t, c = time.perf_counter(), time.process_time()
-      jax.block_until_ready(f(*args[name]))
-      times[name].append((time.perf_counter() - t, time.process_time() - c))
-  return {name: tuple(np.median(np.asarray(ts), axis=0)) for name, ts in times.items()}
-
-
-def _donated_times(opts: dict, grads, params, warmup: int, iters: int) -> dict:
-  """Median (wall, CPU) seconds of update with the state donated and fed back, as in a train step."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  fns = {name: jax.jit(o.update, donate_argnums=(1,)) for name, o in opts.items()}
-  states = {name: jax.jit(o.init)(params) for name, o in opts.items()}
-  times = {name: [] for name in opts}
-  for i in range(warmup + iters):  # Interleaved, so load changes hit both alike.
-    for name, f in fns.items():
-      t, c = time.perf_counter(), time.process_time()
-      _, states[name] = jax.block_until_ready(f(grads, states[name], params))
+      out = jax.block_until_ready(f(*args[name]))
+      if donated:
+        args[name][1] = out[1]
       if i >= warmup:
         times[name].append((time.perf_counter() - t, time.process_time() - c))
   return {name: tuple(np.median(np.asarray(ts), axis=0)) for name, ts in times.items()}
@@ -222,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="also print the EMA stall case (nearest vs stochastic rounding)")
   args = parser.parse_args(argv)
 
-  _set_flags()
+  H.set_xla_flags(None, "--xla_cpu_enable_concurrency_optimized_scheduler=false")
   print("$ " + shlex.join([".venv/bin/python"] + sys.argv))
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
 
@@ -280,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     call_args = {name: (grads, states[name], params) for name in compiled}
     med = _median_times(compiled, call_args, args.warmup, args.iters)
     del states, compiled
-    donated = _donated_times(opts, grads, params, args.warmup, args.iters)
+    donated = _median_times({n: jax.jit(o.update, donate_argnums=(1,)) for n, o in opts.items()},
+                            {n: (grads, jax.jit(o.init)(params), params) for n, o in opts.items()},
+                            args.warmup, args.iters, donated=True)
     print()
     print(f"| update (jit) | wall time (median of {args.iters} after {args.warmup} warm-up) | ratio "
           "| CPU time (all threads) | ratio | state donated: wall | ratio | CPU | ratio |")
