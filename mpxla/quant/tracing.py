@@ -50,11 +50,12 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
 
 
 def _first(d) -> jax.Array:
-  """d's first element as a [1] array (also for d sharded over Explicit mesh axes)."""
+  """d's first element as a [1] array. Indexed, not flattened: on a sharded d the partitioner
+  then moves one element (flattening first all-gathers the whole of d)."""
   d = jnp.asarray(d)
   if not explicit_sharding(d):
-    return d.reshape(-1)[:1]
-  with input_mesh(d):  # one element, not a relayout of d
+    return d[(0,) * d.ndim].reshape(1)
+  with input_mesh(d):
     return jax.sharding.auto_axes(lambda a: a[(0,) * a.ndim].reshape(1), out_sharding=P())(d)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -204,3 +205,19 @@ def fp8_worst_table(stats: dict[str, float], step: int, top: int = 10) -> str:
             f"{stats[f'{t}/underflow']:9.2%}  {stats[f'{t}/saturated']:9.2%}  "
             f"{stats[f'{t}/amax_ratio']:9.3g}" for t in worst]
   return "\n".join(lines)
+
+
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(")
+
+
+def all_gathers(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(element type, result shape) of every all-gather in a compiled module's text."""
+  return [(t, tuple(int(d) for d in dims.split(",") if d))
+          for t, dims in _ALL_GATHER.findall(hlo_text)]
+
+
+def all_gather_bytes(hlo_text: str) -> int:
+  """Bytes the all-gathers of a compiled (per-device) module deliver to each device."""
+  size = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+  return sum(size.get(t, 4) * int(np.prod(shape)) for t, shape in all_gathers(hlo_text))

@@ -26,6 +26,8 @@ differentiates the loss with respect to it and stores the result (its next value
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -75,14 +77,21 @@ def param_dtype(recipe: str):
   return jnp.bfloat16 if recipe in BF16_PARAM_RECIPES else jnp.float32
 
 
-def wrap_model(model, recipe: str):
-  """The model with the recipe's FP8 matmuls and activations (unchanged for bf16)."""
+def wrap_model(model, recipe: str, gather_weight: bool = False):
+  """The model with the recipe's FP8 matmuls and activations (unchanged for bf16).
+
+  gather_weight: FSDP meshes: per-tensor-scaled FP8 matmuls all-gather their weights' FP8
+  codes as uint8 (`DotConfig.gather_weight`).
+  """
   _check(recipe)
-  if not mpxla_nn_recipe(recipe).quantizes:
+  r = mpxla_nn_recipe(recipe)
+  if not r.quantizes:
     return model
   from mpxla import nn as mpxla_nn
 
-  return mpxla_nn.quantize(model, recipe, keep=HIGH_PRECISION_PATHS)
+  if gather_weight and r.linear is not None and r.linear.scaling in ("tensor", "delayed"):
+    r = dataclasses.replace(r, linear=dataclasses.replace(r.linear, gather_weight=True))
+  return mpxla_nn.quantize(model, r, keep=HIGH_PRECISION_PATHS)
 
 
 def _check(recipe: str) -> None:

@@ -63,7 +63,8 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.mesh = parallel.make_mesh(dict(config.mesh))
     self.task = make_task(config)
-    self.task.model = recipes.wrap_model(self.task.model, config.recipe)
+    fsdp_only = self.mesh.shape["fsdp"] > 1 and self.mesh.shape["tensor"] == 1
+    self.task.model = recipes.wrap_model(self.task.model, config.recipe, gather_weight=fsdp_only)
     self.tx = recipes.make_optimizer(config)
     self.batch_size = config.data.batch_size
     self._batch_sharding = NamedSharding(self.mesh, P(parallel.batch_axes(self.mesh)))
@@ -93,7 +94,9 @@ class Trainer:
   def state_shardings(self):
     """Boxed parameters' logical names (`nn.with_logical_partitioning`: the MoE experts over
     'expert') decide their shardings and those of the optimizer-state leaves of the same
-    shape whose path ends with theirs; every other leaf follows `shard_unannotated`."""
+    shape whose path ends with theirs; a field of a container there (compressed moments:
+    codes, scales) keeps the parameter's mesh axes on its dimensions of the parameter's
+    sizes. Every other leaf follows `shard_unannotated`."""
     from flax.linen import LogicallyPartitioned
 
     abstract = self._abstract_init()
@@ -111,10 +114,18 @@ class Trainer:
     lengths = sorted({len(p) for p in named})
 
     def follow(path, leaf, sharding):
+      shape = getattr(leaf, "shape", None)
       for n in lengths:
-        shape, s = named.get(tuple(path[-n:]), (None, None))
-        if len(path) >= n and shape is not None and shape == getattr(leaf, "shape", None):
-          return s
+        for field in (0, 1):  # the leaf itself, or a field of a container (e.g. codes)
+          pshape, s = named.get(tuple(path[len(path) - n - field:len(path) - field]), (None, None))
+          if pshape is None or len(path) < n + field or shape is None:
+            continue
+          if not field and shape == pshape:
+            return s
+          if field and len(shape) == len(pshape):
+            spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
+            return NamedSharding(s.mesh, P(*[a if d == pd else None
+                                             for a, d, pd in zip(spec, shape, pshape, strict=True)]))
       return sharding
 
     return {**shardings, **{k: jax.tree_util.tree_map_with_path(follow, abstract[k], shardings[k])
@@ -262,11 +273,13 @@ class Trainer:
     return None if flops is None else float(flops)
 
   def aot(self) -> dict[str, Any]:
-    """Compiles the train step without running it; returns the per-device memory breakdown
-    and the step's compiled FLOPs per device ('flops', `compiled_flops`)."""
+    """Compiles the train step without running it; returns the per-device memory breakdown,
+    the step's compiled FLOPs per device ('flops', `compiled_flops`) and the bytes its
+    all-gathers deliver to each device ('all_gather_bytes')."""
     compiled = self.compile_train_step()
     return {**monitor.memory_breakdown(self.abstract_state(), compiled),
-            "flops": self.compiled_flops(compiled)}
+            "flops": self.compiled_flops(compiled),
+            "all_gather_bytes": monitor.all_gather_bytes(compiled.as_text())}
 
   def run(self) -> dict[str, Any]:
     """Trains from the latest good checkpoint to `total_steps` (docs/train.md, Faults)."""
