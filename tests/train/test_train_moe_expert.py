@@ -18,14 +18,20 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
-def test_experts_and_their_moments_are_sharded_over_expert(tiny_config, tmp_path):
-  trainer = Trainer(tiny_config(**MOE, **EP), tmp_path)
+@pytest.mark.parametrize("recipe", ["bf16", "coat"])
+def test_experts_and_their_moments_are_sharded_over_expert(tiny_config, tmp_path, recipe):
+  """bf16: AdamW's mu and nu like the weights; coat: the compressed moments' codes and
+  scales ([E, ...] of other trailing sizes) over 'expert' on their expert axis."""
+  trainer = Trainer(tiny_config(recipe=recipe, **MOE, **EP), tmp_path)
   sh = trainer.state_shardings
   for name in ("gate", "up", "down"):
     assert sh["params"]["layer_1"]["moe"][name].spec[0] == "expert"
-  moments = [s for p, s in jax.tree_util.tree_flatten_with_path(sh["opt_state"])[0]
-             if "['moe']['down']" in jax.tree_util.keystr(p)]
-  assert len(moments) == 2 and all(s.spec[0] == "expert" for s in moments)  # Adam mu, nu
+  abstract = jax.tree.leaves(trainer._abstract_init()["opt_state"])
+  moments = [(a.shape, s.spec) for (p, s), a in zip(
+      jax.tree_util.tree_flatten_with_path(sh["opt_state"])[0], abstract, strict=True)
+      if "['moe']['down']" in jax.tree_util.keystr(p) and a.ndim == 3]
+  assert len(moments) == (2 if recipe == "bf16" else 6), moments  # mu, nu (x codes, 2 scales)
+  assert all(shape[0] == 8 and spec[0] == "expert" for shape, spec in moments), moments
   assert jax.tree.structure(trainer.abstract_state()) == jax.tree.structure(
       trainer._abstract_init())  # the state holds plain arrays (boxes unboxed)
 
