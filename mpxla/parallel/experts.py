@@ -35,7 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mpxla.parallel.mesh import batch_axes as mesh_batch_axes
@@ -189,10 +189,10 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
   args = (params, x, weights, indices, keep)
   explicit = any(explicit_sharding(a) for a in jax.tree.leaves(args))
   if explicit or any(t == AxisType.Explicit for t in mesh.axis_types):
-    args = jax.tree.map(lambda s, a: jax.sharding.reshard(a, s), in_specs, args,
-                        is_leaf=lambda s: isinstance(s, P))
+    args = jax.tree.map(lambda s, a: jax.sharding.reshard(a, NamedSharding(mesh, s)), in_specs,
+                        args, is_leaf=lambda s: isinstance(s, P))
   out_spec = getattr(jax.typeof(x).sharding, "spec", None)
   y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=bspec)(*args)
   if explicit and out_spec is not None and tuple(out_spec) != tuple(bspec):
-    y = jax.sharding.reshard(y, out_spec)
+    y = jax.sharding.reshard(y, NamedSharding(mesh, out_spec))
   return y

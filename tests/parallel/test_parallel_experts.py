@@ -1,9 +1,9 @@
 """Expert parallelism (mpxla.parallel.experts): experts sharded over 'expert', tokens by all-to-all.
 
 On meshes expert=8, data=2 x expert=4 and data=4 x expert=2 (Auto and Explicit axes, under
-`jax.set_mesh`), the MoE layer's output, aux loss and gradients (input, router kernel,
-expert weights) equal the single-device layer's within 1e-5 in float32, dropless and with a
-capacity (and a padding mask). The compiled step holds all-to-alls of R-row buffers and no
+`jax.set_mesh` or from the mesh of x's sharding), the MoE layer's output, aux loss and
+gradients (input, router kernel, expert weights) equal the single-device layer's within 1e-5
+in float32, dropless and with a capacity (and a padding mask). The compiled step holds all-to-alls of R-row buffers and no
 all-gather (the tokens never gather; the expert weights stay sharded).
 """
 
@@ -149,6 +149,19 @@ def test_rank2_input_and_nnx_layer():
     assert "all-to-all" in f.lower(p, xs).compile().as_text()
   np.testing.assert_allclose(got, want, **TOL)
   np.testing.assert_allclose(got_nnx, want, **TOL)
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_without_set_mesh_the_mesh_comes_from_the_input(axis_types):
+  """No `jax.set_mesh`: x placed with a NamedSharding carries the mesh in its type."""
+  model, params = model_and_params(None)
+  x, _, _ = inputs()
+  f = jax.jit(lambda p, x_: model.apply({"params": p}, x_, mutable=["intermediates"])[0])
+  mesh = make_mesh(MeshConfig(data=2, expert=4, axis_types=axis_types))
+  xs = jax.device_put(x, NamedSharding(mesh, P(batch_axes(mesh))))
+  compiled = f.lower(params, xs).compile()
+  assert "all-to-all" in compiled.as_text()
+  np.testing.assert_allclose(compiled(params, xs), f(params, x), **TOL)
 
 
 def test_bad_configurations_raise_naming_the_fix():
