@@ -162,10 +162,14 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
     rows: R, or a function of the local tokens T_l giving it (default: T_l K, dropless).
 
   The leading axis of x is split over the batch axes (whole rows per device), the experts
-  over `axis_name`; runs in `jax.shard_map` over every mesh axis, inputs resharded first
+  over `axis_name`; runs in `jax.shard_map` over every mesh axis that is not Manual already
+  (inside a `shard_map` over e.g. 'data', x is that device's rows), inputs resharded first
   when the mesh has Explicit axes.
   """
+  free = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+               if t != AxisType.Manual)  # axes already Manual (an outer shard_map) stay so
   batch = mesh_batch_axes(mesh) if batch_axes is None else tuple(batch_axes)
+  batch = tuple(a for a in batch if a in free)
   check_expert_mesh(mesh, axis_name, num_experts, x.shape[0], batch)
   peers = mesh.shape[axis_name]
   shards = math.prod(mesh.shape[a] for a in batch)
@@ -192,7 +196,8 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
     args = jax.tree.map(lambda s, a: jax.sharding.reshard(a, NamedSharding(mesh, s)), in_specs,
                         args, is_leaf=lambda s: isinstance(s, P))
   out_spec = getattr(jax.typeof(x).sharding, "spec", None)
-  y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=bspec)(*args)
+  y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=bspec,
+                    axis_names=set(free))(*args)
   if explicit and out_spec is not None and tuple(out_spec) != tuple(bspec):
     y = jax.sharding.reshard(y, NamedSharding(mesh, out_spec))
   return y

@@ -164,6 +164,24 @@ def test_without_set_mesh_the_mesh_comes_from_the_input(axis_types):
   np.testing.assert_allclose(compiled(params, xs), f(params, x), **TOL)
 
 
+def test_inside_a_shard_map_over_data():
+  """A shard_map over 'data' only (LBL over it): the layer shards experts over the free
+  'expert' axis of the same mesh; equal to one device."""
+  model, params = model_and_params(None)
+  x, _, _ = inputs()
+  want = jax.jit(lambda p, x_: model.apply({"params": p}, x_, mutable=["intermediates"])[0])(
+      params, x)
+  inner = MoE(num_experts=E, d_ff=F, top_k=K, axis_name=("data",))
+  body = lambda p, x_: inner.apply({"params": p}, x_, mutable=["intermediates"])[0]  # noqa: E731
+  mesh = make_mesh(MeshConfig(data=2, expert=4))
+  with jax.set_mesh(mesh):
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"),
+                              axis_names={"data"}))
+    compiled = f.lower(params, x).compile()
+    assert "all-to-all" in compiled.as_text()
+    np.testing.assert_allclose(compiled(params, x), want, **TOL)
+
+
 def test_bad_configurations_raise_naming_the_fix():
   mesh = make_mesh(MeshConfig(data=2, expert=4))
   x, _, _ = inputs()
