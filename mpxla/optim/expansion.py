@@ -175,6 +175,19 @@ def encode(
   fmt = get_format(fmt)
   x = x.astype(jnp.float32)
   amax, amin = group_range(x)
+  return encode_in_range(x, amax, amin, fmt, expansion=expansion, bits=bits)
+
+
+def encode_in_range(
+    x: jax.Array, amax: jax.Array, amin: jax.Array, fmt: str | Format = "e4m3", *,
+    expansion: bool = True, bits: jax.Array | None = None,
+) -> Encoded:
+  """`encode` of float32 x with its groups' (amax, amin) given (shape (..., 1), as `group_range`).
+
+  The fused optimizer kernel (`mpxla.optim._fused`) reduces each group itself and calls this,
+  so its codes are the same op for op.
+  """
+  fmt = get_format(fmt)
   stored_amax = jnp.where(jnp.isfinite(amax), amax, jnp.nan)
   safe_amax = jnp.where(_usable(amax), amax, 1.0)
   # Per-group values end in an op XLA deems expensive (log, divide), so they are

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import optax
 
-from mpxla.optim.compress import LeafConfig, Overrides, compress_states
+from mpxla.optim import _fused
+from mpxla.optim.compress import LeafConfig, Overrides, compress_states, make_config
+
+IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
 
 def adamw_fp8(
@@ -20,6 +24,8 @@ def adamw_fp8(
     *,
     config: LeafConfig | Mapping[str, Any] | None = None,
     overrides: Overrides = None,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with FP8 moments: `compress_states(optax.adamw(...), config, overrides=...)`.
 
@@ -33,11 +39,35 @@ def adamw_fp8(
     config: the storage settings, a `LeafConfig` or a dict of its fields
       (e.g. `{'fmt': 'e5m2', 'rounding': 'nearest'}`); default `LeafConfig()`.
     overrides: per-leaf settings, as in `compress`.
+    impl: 'auto' (default): the fused Pallas update kernel (`mpxla.optim._fused`) on GPU
+      and TPU when it applies (no `mask`, and the config is E4M3 with expansion and groups
+      of 128, the default), the XLA path otherwise and on CPU. 'xla': always
+      `compress_states(optax.adamw(...))`. 'pallas_gpu' / 'pallas_tpu': the kernel with
+      that platform's layout (Triton / Mosaic); raises if `mask` is given or the config is
+      not the kernel's. Both paths keep the same state and give the same results (bit for
+      bit in interpret mode; see docs/optim.md, "Fused update kernel").
+    interpret: run the Pallas kernel in interpret mode (CPU; for tests).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. Under `optax.inject_hyperparams`
     the numeric arguments become hyperparameters and `config` stays static.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"adamw_fp8: impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    platform = jax.default_backend()
+    fits = mask is None and _fused.kernel_config(make_config(config))
+    impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla") if fits else "xla"
+  elif impl != "xla":
+    if mask is not None:
+      raise ValueError(f"adamw_fp8: impl={impl!r} does not take a mask; use impl='auto'/'xla'")
+    if not _fused.kernel_config(make_config(config)):
+      raise ValueError(f"adamw_fp8: impl={impl!r} needs fmt='e4m3', expansion=True and "
+                       "group_size=128; use impl='auto'/'xla' for other settings")
+  if impl != "xla":
+    return _fused.fused_adamw_fp8(
+        learning_rate, b1, b2, eps, weight_decay, config=config, overrides=overrides,
+        layout=impl.removeprefix("pallas_"), interpret=interpret)
   inner = optax.adamw(
       learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
   )
