@@ -63,6 +63,7 @@ gradient-accumulation micro-steps; zero it after every optimizer step
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mpxla.nn.fp8_dot import DotConfig
+from mpxla.nn.fp8_grouped import fp8_grouped_matmul
 from mpxla.parallel import experts as pexperts
 from mpxla.parallel import moe as pmoe
 from mpxla.parallel.experts import combine_pairs, sort_pairs
@@ -205,15 +208,18 @@ def ragged_matmul(x_GxMxK, w_ExKxN, group_sizes_GxE):
 
 
 def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *,
-                   impl="ragged_dot", block_size=None):
+                   impl="ragged_dot", block_size=None, fp8=None):
   """Rows sorted by expert: row r of expert group e -> (silu(x_r G_e) * (x_r U_e)) D_e.
 
   G dispatch groups, each with its own group sizes; rows past sum(group_sizes) give 0.
+  fp8: a `DotConfig` for FP8 expert matmuls (`fp8_grouped_matmul`; 'ragged_dot' only).
   """
   if impl == "ragged_dot":
-    g = ragged_matmul(x_GxMxD, gate_ExDxF, group_sizes_GxE)
-    u = ragged_matmul(x_GxMxD, up_ExDxF, group_sizes_GxE)
-    return ragged_matmul(jax.nn.silu(g) * u, down_ExFxD, group_sizes_GxE)
+    mm = ragged_matmul if fp8 is None else functools.partial(
+        fp8_grouped_matmul, config=fp8, preferred_element_type=x_GxMxD.dtype)
+    g = mm(x_GxMxD, gate_ExDxF, group_sizes_GxE)
+    u = mm(x_GxMxD, up_ExDxF, group_sizes_GxE)
+    return mm(jax.nn.silu(g) * u, down_ExFxD, group_sizes_GxE)
   ng, rows, d = x_GxMxD.shape
   block = block_size or auto_block_size(rows, gate_ExDxF.shape[0])
   nblocks = -(-rows // block) + gate_ExDxF.shape[0]
@@ -230,7 +236,7 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
 
 
 def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF, up_ExDxF,
-                  down_ExFxD, *, impl="ragged_dot", block_size=None):
+                  down_ExFxD, *, impl="ragged_dot", block_size=None, fp8=None):
   """y_t = sum_j keep_tj w_tj E_{i_tj}(x_t), per dispatch group, by sorting pairs by expert.
 
   In each group the pairs (t, j), M = S K of them, are ordered by expert (`sort_pairs`),
@@ -243,14 +249,14 @@ def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF,
   token_GxM = order_GxM // k
   x_GxMxD = jnp.take_along_axis(x_GxSxD, token_GxM[..., None], axis=1)
   y_GxMxD = grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE,
-                           impl=impl, block_size=block_size)
+                           impl=impl, block_size=block_size, fp8=fp8)
 
   return jax.vmap(combine_pairs)(y_GxMxD, order_GxM, token_GxM, weights_GxSxK, keep_GxSxK)
 
 
 def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, dtype,
                 dispatch="sparse", capacity_factor=None, grouped_matmul="ragged_dot",
-                block_size=None, expert_axis=None):
+                block_size=None, expert_axis=None, fp8=None):
   """The expert part of the MoE layer: (y [..., D] in `dtype`, dropped pairs, valid pairs).
 
   x [..., D], weights/indices [..., K], mask [...] or None. Groups: see the module doc.
@@ -268,7 +274,7 @@ def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, 
   mesh = pexperts.context_expert_mesh(x, expert_axis) if dispatch == "sparse" else None
   if mesh is not None:
     y, dropped = _parallel_experts(x.astype(dtype), weights, indices, valid, wts, mesh,
-                                   expert_axis, g, s, capacity, grouped_matmul, block_size)
+                                   expert_axis, g, s, capacity, grouped_matmul, block_size, fp8)
     return y, dropped, jnp.sum(valid) * k
 
   def run(x_, w_, i_, v_, wts):
@@ -279,7 +285,8 @@ def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, 
       combine = combine_weights(jnp.where(keep, w_g, 0), i_g, e)
       y = experts_swiglu(x_g, *wts, combine, dtype)
     else:
-      y = sparse_swiglu(x_g, w_g, i_g, keep, *wts, impl=grouped_matmul, block_size=block_size)
+      y = sparse_swiglu(x_g, w_g, i_g, keep, *wts, impl=grouped_matmul, block_size=block_size,
+                        fp8=fp8)
     dropped = jnp.sum(v_g[..., None] & ~keep) if capacity is not None else jnp.int32(0)
     return y.reshape(*lead, d).astype(dtype), dropped
 
@@ -290,7 +297,7 @@ def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, 
 
 
 def _parallel_experts(x, weights, indices, valid, wts, mesh, axis, g, s, capacity, impl,
-                      block_size):
+                      block_size, fp8):
   """(y, dropped pairs) with the experts sharded over `axis` (mpxla.parallel.experts).
 
   The capacity's keep mask is computed per dispatch group first (as without expert
@@ -319,7 +326,7 @@ def _parallel_experts(x, weights, indices, valid, wts, mesh, axis, g, s, capacit
 
   def expert_fn(wts_local, x_NxRxD, group_sizes_NxEl):
     return grouped_swiglu(x_NxRxD, *wts_local, group_sizes_NxEl, impl=impl,
-                          block_size=block_size)
+                          block_size=block_size, fp8=fp8)
 
   y = pexperts.expert_parallel(expert_fn, wts, x, weights, indices, keep, num_experts=e,
                                mesh=mesh, axis_name=axis, rows=rows)
@@ -380,6 +387,9 @@ class MoE(nn.Module):
     block_size: rows per block of 'blocks' (None: automatic).
     expert_axis: the mesh axis the experts are sharded over when the context mesh has it
       with size > 1 (expert parallelism, sparse dispatch); None: experts never sharded.
+    fp8: a `DotConfig`: the experts' grouped matmuls run on FP8 codes with per-expert scales
+      (`mpxla.nn.fp8_grouped`; sparse dispatch with 'ragged_dot'). `mpxla.nn.quantize` sets
+      it under FP8 recipes.
   """
 
   num_experts: int
@@ -398,6 +408,7 @@ class MoE(nn.Module):
   grouped_matmul: str = "ragged_dot"
   block_size: int | None = None
   expert_axis: str | None = "expert"
+  fp8: DotConfig | None = None
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -431,7 +442,7 @@ class MoE(nn.Module):
     y, dropped, pairs = moe_experts(
         x, weights, indices, mask, gate, up, down, dtype=dtype, dispatch=self.dispatch,
         capacity_factor=self.capacity_factor, grouped_matmul=self.grouped_matmul,
-        block_size=self.block_size, expert_axis=self.expert_axis)
+        block_size=self.block_size, expert_axis=self.expert_axis, fp8=self.fp8)
     if self.capacity_factor is not None:
       self.sow("intermediates", "dropped_fraction", dropped_fraction(dropped, pairs))
     return y
@@ -487,7 +498,7 @@ class NNXMoE(nnx.Module):
                partitioned: bool = False, dispatch: str = "sparse",
                capacity_factor: float | None = None, grouped_matmul: str = "ragged_dot",
                block_size: int | None = None, expert_axis: str | None = "expert",
-               rngs: nnx.Rngs):
+               fp8: DotConfig | None = None, rngs: nnx.Rngs):
     check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size)
     e, d, f = num_experts, in_features, d_ff
     self.router = NNXTopKRouter(d, e, top_k, normalize_weights=normalize_weights, dtype=dtype,
@@ -511,6 +522,7 @@ class NNXMoE(nnx.Module):
     self.grouped_matmul = grouped_matmul
     self.block_size = block_size
     self.expert_axis = expert_axis
+    self.fp8 = fp8
 
   def __call__(self, x, mask=None):
     e = self.num_experts
@@ -525,7 +537,7 @@ class NNXMoE(nnx.Module):
         x, weights, indices, mask, self.gate[...], self.up[...], self.down[...], dtype=dtype,
         dispatch=self.dispatch, capacity_factor=self.capacity_factor,
         grouped_matmul=self.grouped_matmul, block_size=self.block_size,
-        expert_axis=self.expert_axis)
+        expert_axis=self.expert_axis, fp8=self.fp8)
     if self.capacity_factor is not None:
       self.sow(nnx.Intermediate, "dropped_fraction", dropped_fraction(dropped, pairs))
     return y

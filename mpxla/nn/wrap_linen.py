@@ -30,6 +30,7 @@ from mpxla import quant
 from mpxla.nn import _layers, fp8_stats
 from mpxla.nn._plan import Plan, Session, session
 from mpxla.nn.delayed import COLLECTION, HISTORY_NAMES
+from mpxla.nn.moe import MoE
 from mpxla.quant import tracing
 
 _NORMS = {nn.RMSNorm: "rms_norm", nn.LayerNorm: "layer_norm"}
@@ -116,6 +117,18 @@ def _einsum(m, next_fun, args, kwargs, sess: Session, remat: bool):
   return y
 
 
+def _moe(m, next_fun, args, kwargs, sess: Session):
+  """An MoE layer's expert matmuls in FP8 (per-expert scales) under an FP8 recipe."""
+  path = _path(m)
+  recipe = sess.resolve(path)
+  config = _layers.moe_fp8(m, recipe)
+  sess.note(path, _layers.describe_moe(recipe, config))
+  if config is None:
+    return next_fun(*args, **kwargs)
+  with _fields(m, fp8=config):
+    return next_fun(*args, **kwargs)
+
+
 def _norm(m, next_fun, args, kwargs, sess: Session, remat: bool):
   path = _path(m)
   kind = _NORMS[type(m)]
@@ -153,6 +166,8 @@ def _interceptor(sess: Session, remat: bool):
         return _einsum(m, next_fun, args, kwargs, sess, remat)
       if type(m) in _NORMS:
         return _norm(m, next_fun, args, kwargs, sess, remat)
+      if isinstance(m, MoE):
+        return _moe(m, next_fun, args, kwargs, sess)
     return next_fun(*args, **kwargs)
 
   return intercept

@@ -22,6 +22,7 @@ from mpxla import quant
 from mpxla.nn import _layers
 from mpxla.nn._plan import Plan, Session, current_session, session
 from mpxla.nn.delayed import HISTORY_NAMES, Fp8State
+from mpxla.nn.moe import NNXMoE
 from mpxla.nn.recipes import Recipe
 from mpxla.quant import tracing
 
@@ -136,6 +137,12 @@ def quantize_nnx(model: nnx.Module, plan: Plan) -> nnx.Module:
         node.dot_general = op
         if isinstance(node, nnx.LinearGeneral):
           node.dot_general_cls = None
+    elif isinstance(node, NNXMoE):
+      recipe = sess.resolve(path)
+      config = _layers.moe_fp8(node, recipe)
+      sess.note(path, _layers.describe_moe(recipe, config))
+      if config is not None:
+        node.fp8 = config
     elif type(node) in _NORMS:
       recipe = sess.resolve(path)
       if not _layers.last_axis_only(node):

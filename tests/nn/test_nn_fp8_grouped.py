@@ -55,3 +55,34 @@ def test_fp8_ragged_dot_saves_fp8_codes_and_checks_arguments():
     fp8_ragged_dot(x, w, jnp.asarray([8], jnp.int32))
   with pytest.raises(ValueError, match="lhs"):
     fp8_ragged_dot(x, jnp.ones((2, 8, 4)), gs)
+
+
+def test_fp8_grouped_matmul_shares_each_experts_scale_across_dispatch_groups():
+  from mpxla.nn.fp8_grouped import fp8_grouped_matmul
+
+  rng = np.random.default_rng(7)
+  G, M, K, N, E = 3, 9, 16, 24, 4
+  sizes = np.array([[2, 3, 0, 4], [0, 0, 9, 0], [1, 1, 1, 5]])  # row 2: 8 of 9 rows used
+  x = (rng.standard_normal((G, M, K)) * rng.uniform(0.1, 10, (G, M, 1))).astype(np.float32)
+  w = (rng.standard_normal((E, K, N)) * 0.1).astype(np.float32)
+  g = rng.standard_normal((G, M, N)).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: fp8_grouped_matmul(x, w, jnp.asarray(sizes)), jnp.asarray(x),
+                   jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(g))
+  # Reference: stack each expert's rows from all groups, then the single-group reference.
+  rows = [[] for _ in range(E)]
+  for gi in range(G):
+    start = 0
+    for e in range(E):
+      rows[e] += [(gi, r) for r in range(start, start + sizes[gi, e])]
+      start += sizes[gi, e]
+  order = [p for e in range(E) for p in rows[e]]
+  xs = np.stack([x[p] for p in order]).astype(np.float64)
+  gs_ = np.stack([g[p] for p in order]).astype(np.float64)
+  want_y, want_dx, want_dw = _reference(xs, w.astype(np.float64), [len(r) for r in rows], gs_)
+  got_y, got_dx = np.asarray(y, np.float64), np.asarray(dx, np.float64)
+  for i, p in enumerate(order):
+    np.testing.assert_allclose(got_y[p], want_y[i], rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got_dx[p], want_dx[i], rtol=2e-6, atol=1e-6)
+  np.testing.assert_array_equal(got_y[2, 8], 0.0)  # a row past its group's experts
+  np.testing.assert_allclose(np.asarray(dw, np.float64), want_dw, rtol=2e-6, atol=1e-6)
