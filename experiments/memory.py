@@ -1,37 +1,30 @@
-"""Memory breakdown, ahead of time: the real train step compiled for an 8-device FSDP mesh.
-
-Settings: configs/experiments/memory.py. Commands (run from the repository root):
-  python experiments/memory.py                      # the section -> experiments/results/memory/
-  python experiments/memory.py --quick --out DIR    # miniature: a tiny model, all four recipes
+"""Memory breakdown, ahead of time: the real train step compiled for an 8-device FSDP mesh, and
+Llama-2-7B on one device. Settings: configs/experiments/memory.py. Commands (repository root):
+  python experiments/memory.py [--jobs=2] [--resume | --add]  # -> experiments/results/memory/
+  python experiments/memory.py --quick --out DIR    # miniature: a tiny model, every recipe
   python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
       [--mesh=fsdp=8] [--batch=N (sequences per device)] [--explain]
 
 One measurement builds `mpxla.train.Trainer(config)` (the model wrapped by the recipe, the
 optimizer, FSDP shardings), compiles its train step with abstract inputs only (nothing is
 allocated) for the simulated CPU devices, and reads XLA's buffer assignment. Bytes per device:
-
-  params      = the per-device shards of state['params'] (float32 master weights)
-  optimizer   = the per-device shards of state['opt_state']
-  grads       = the per-device bytes of the gradients: the params' shapes, shardings and dtype
-                (a cotangent has its primal's dtype); they live in the step's temp buffer
-  activations = temp - grads: what the step allocates beyond its arguments, outputs and the
-                gradients: saved activations, transients (logits, attention blocks), gathered
-                FSDP weights, optimizer-update temporaries
+  params, optimizer = the per-device shards of state['params'] (float32, or BF16 for the `_sr`
+                recipes) and of state['opt_state']
+  grads       = the params' per-device bytes (a cotangent has its primal's dtype; in temp)
+  activations = temp - grads: saved activations, transients (logits, attention blocks),
+                gathered FSDP weights, optimizer-update temporaries
   peak        = arguments + outputs + temp - aliased (the state is donated, so aliased = state)
-  other       = peak - params - optimizer - grads - activations - model_state: the batch and
-                the metrics (the columns add up to the peak exactly)
+  other       = the rest of the peak: the batch and the metrics (the columns add up to the peak)
+`temp` is XLA's packed temp allocation under the memory-minimizing schedule
+(`--xla_cpu_enable_concurrency_optimized_scheduler=false`), fragmentation included. --explain
+(always in the section run) lists what is live at the peak, by producer (`peak_composition`).
 
-`temp` is the size of XLA's packed temp allocation, i.e. the peak of the live temporaries under
-the memory-minimizing schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`) plus
-the allocator's fragmentation. With --explain (always in the section run) XLA dumps its buffer
-live ranges and the script lists what is live at the peak, by producer, as
-`peak_composition` (arguments / forward (saved for backward) / backward / optimizer).
-
-The largest batch that fits a budget (`largest_batch`): peak is close to affine in the per-device
-batch b, so from the table's compile at b0 a first guess takes all of `activations` to grow with b,
-that guess is compiled, the line through the two compiled points nearest the budget is solved for
-the budget, and the answer is verified by compiling around it (refitting each time) until the
-largest fitting batch b and a non-fitting b + 1 have both been compiled.
+The largest batch in a budget (`largest_batch`): peak is close to affine in the per-device batch
+b; from the table's compile at b0, a first guess takes all of `activations` to grow with b, is
+compiled, the line through the two points nearest the budget is solved for the budget, and the
+answer is verified by compiling until the largest fitting b and a non-fitting b + 1 are known.
+The single-device table (`_extrapolate`) compiles the model with fewer layers (e.g. `7b@2` and
+`7b@4`, at 1 and 2 sequences) and extrapolates to all its layers, affine in layers and batch.
 
 main() sets XLA_FLAGS before JAX is imported: the simulated device count, the memory-minimizing
 scheduler, and a fast LLVM backend (`--xla_backend_optimization_level=0`,
@@ -63,7 +56,7 @@ TITLE = "1. Memory breakdown (AOT, 8-device FSDP)"
 
 ROOT = H.ROOT
 CONFIG = "configs/llama_memory.py"
-RECIPES = ("bf16", "fp8_linear", "coat", "hif8")
+RECIPES = ("bf16", "fp8_linear", "coat", "hif8", "bf16_sr", "coat_sr")
 DEVICES = 8
 FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",  # memory-minimizing schedule
          "--xla_backend_optimization_level=0",  # LLVM code generation only: same buffers, faster
@@ -307,14 +300,17 @@ def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int
 
 # --- the section ---------------------------------------------------------------------------------
 
-def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: int = 1) -> dict:
-  """Measures every size x recipe at the table batch and searches the largest batch per recipe.
+def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: int = 1,
+        add: bool = False) -> dict:
+  """Measures every size x recipe at the table batch and searches the largest batch per recipe;
+  then the single-device table (one row per recipe at batch 1, and its largest batch).
 
   jobs > 1 compiles that many measurements at once, each in a subprocess (`--json`) importing a
   snapshot of mpxla/ taken at the start; the batch searches of different recipes run side by
   side. Every measurement is also appended to
   out_dir/runs/measurements.jsonl; resume=True reuses the ones found there (same config, recipe,
-  batch and `H.source_hash`) instead of compiling again.
+  batch, mesh and `H.source_hash`) instead of compiling again. add=True keeps the rows, searches
+  and single-device rows of out_dir/results.json and measures only the missing ones.
   """
   import concurrent.futures
   import resource
@@ -322,10 +318,14 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
 
   import jax
 
+  from mpxla.train import config as config_lib
+
   out_dir = pathlib.Path(out_dir)
   (out_dir / "runs").mkdir(parents=True, exist_ok=True)
   _import_all()
-  src = _snapshot(out_dir) if jobs > 1 else ROOT
+  import mpxla  # jobs == 1: the source hash of the mpxla imported (PYTHONPATH may name another)
+
+  src = _snapshot(out_dir) if jobs > 1 else pathlib.Path(mpxla.__file__).resolve().parents[1]
   source = H.source_hash(src, CONFIG)
   cache_path = out_dir / "runs" / "measurements.jsonl"
   cache, lock = {}, threading.Lock()
@@ -333,19 +333,19 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
     for line in cache_path.read_text().splitlines():
       r = json.loads(line)
       if r.get("source") == source:
-        cache[(r["config"], r["recipe"], r["batch_per_device"])] = r
+        cache[(r["config"], r["recipe"], r["batch_per_device"], r.get("mesh_arg"))] = r
   elif cache_path.exists():
     cache_path.unlink()
 
-  def measure_cached(spec, recipe, b, explain=False):
+  def measure_cached(spec, recipe, b, explain=False, mesh=None):
     with lock:
-      r = cache.get((spec, recipe, b))
+      r = cache.get((spec, recipe, b, mesh))
     if r is None or (explain and "peak_composition" not in r):
-      r = measure(spec, recipe, b, explain=explain) if jobs == 1 else _measure_subprocess(
-          spec, recipe, b, explain, src)
-      r["source"] = source
+      r = measure(spec, recipe, b, explain=explain) if jobs == 1 and not mesh else \
+          _measure_subprocess(spec, recipe, b, explain, src, mesh)  # a mesh: its own devices
+      r.update(source=source, mesh_arg=mesh)
       with lock:
-        cache[(spec, recipe, b)] = r
+        cache[(spec, recipe, b, mesh)] = r
         with cache_path.open("a") as f:
           f.write(json.dumps(r) + "\n")
     return dict(r)
@@ -357,8 +357,13 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   wall, cpu = time.time(), time.process_time() + children_cpu()
   st = H.settings(NAME, quick)
   sizes, batch, budget = st["sizes"], st["batch"], st["budget"]
+  old = H.load(out_dir)[1] if add and (out_dir / "results.json").exists() else {}
+  kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])}
+  kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
 
   def table_row(size, recipe):
+    if (size, recipe) in kept:
+      return kept[size, recipe]
     row = measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True)
     row["size"] = size
     _log(f"{size:>5} {recipe:<10} peak {row['peak'] / 1e9:7.2f} GB "
@@ -366,6 +371,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
     return row
 
   def search_batch(size, recipe):
+    if (size, recipe, "search") in kept:
+      return kept[size, recipe, "search"]
     row = next(r for r in rows if r["size"] == size and r["recipe"] == recipe)
 
     def peak_at(b):
@@ -379,33 +386,73 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
          f"(predicted {result['predicted']}, {result['compiles']} compiles)")
     return result
 
+  def single_row(recipe):  # one device, extrapolated from fewer layers (`_extrapolate`)
+    size, (l1, l2), (b1, b2) = st["single_size"], st["single_layers"], st["single_batches"]
+    n, pts = config_lib.load(f"{CONFIG}:{size}").model.n_layers, {}
+    for b in (b1, b2):  # b2 only if b1 fits
+      if (size, recipe) in kept or (pts and _extrapolate(pts, n, budget)["peak"] > budget):
+        break
+      pts.update({(k, b): measure_cached(f"{CONFIG}:{size}@{k}", recipe, b, (k, b) == (l2, b1),
+                                         st["single_mesh"]) for k in (l1, l2)})
+    return kept.get((size, recipe)) or _extrapolate(pts, n, budget)
+
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
     # Largest models first, so that the searches (which need them) can start early.
-    todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES]
+    todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES
+            if recipe in st["recipes"] or size in st["sr_sizes"]]
     done = dict(zip(todo, pool.map(lambda a: table_row(*a), todo), strict=True))
-    rows = [done[(size, recipe)] for size in sizes for recipe in RECIPES]
+    rows = [done[k] for k in sorted(done, key=lambda k: (sizes.index(k[0]), RECIPES.index(k[1])))]
     todo = [(size, recipe) for size in st["search_sizes"] for recipe in st["search_recipes"]]
     searches = list(pool.map(lambda a: search_batch(*a), todo))
+    single = list(pool.map(single_row, st["single_recipes"]))
+  meta = {**H.metadata((wall, cpu), _command(out_dir, quick, jobs, add)),
+          "wall_s": round(time.time() - wall, 1),
+          "cpu_s": round(time.process_time() + children_cpu() - cpu, 1), "compiles": len(cache),
+          "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1),
+          "mpxla_from": str(src)}
+  if old:  # the first run's provenance stays; this one is listed as an addition
+    return H.save(out_dir, {**old, "rows": rows, "searches": searches, "single": single,
+                            "additions": old.get("additions", []) + [meta]})
   return H.save(out_dir, {
-      "name": NAME, "quick": quick, **H.metadata((wall, cpu), _command(out_dir, quick, jobs)),
+      "name": NAME, "quick": quick, **meta,
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
       "source_hash": source,
       # jobs > 1: each subprocess imports mpxla when it starts; a change mid-run shows here.
       "source_changed_during_run": H.source_hash(src, CONFIG) != source,
       "table_batch": batch, "budget": budget, "rows": rows, "searches": searches,
-      "wall_s": round(time.time() - wall, 1),
-      "cpu_s": round(time.process_time() + children_cpu() - cpu, 1),
-      "compiles": len(cache),
-      "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1)})
+      "single": single})
+
+
+def _extrapolate(pts: dict[tuple[int, int], dict], layers: int, budget: float) -> dict[str, Any]:
+  """The row of the model with `layers` layers at the smallest batch, from compiles of fewer
+  layers {(layers, batch): measurement}: every byte count is affine in the number of layers
+  (identical layers, unrolled), the peak affine in the batch (slope from the two batches, itself
+  affine in the layers). 'search' holds the largest batch whose extrapolated peak fits."""
+  (l1, b1), (l2, b2) = min(pts), max(pts)
+  keys = (*KEYS, "n_params", "model_state", "other")
+  line = lambda b, k: pts[l1, b][k] + (layers - l1) * (  # noqa: E731
+      pts[l2, b][k] - pts[l1, b][k]) / (l2 - l1)
+  row = {**{k: v for k, v in pts[l2, b1].items() if not k.startswith("step_")},
+         **{k: round(line(b1, k)) for k in keys}, "size": pts[l1, b1]["config"]
+         .split(":")[1].split("@")[0], "n_layers": layers, "compiled_layers": [l1, l2]}
+  slope = (line(b2, "peak") - row["peak"]) / (b2 - b1) if b2 != b1 else None
+  best = max(0, math.floor(b1 + (budget - row["peak"]) / slope)) if slope else 0
+  row["search"] = {
+      "budget": budget, "largest_batch": best, "extrapolated": True, "verified": False,
+      "peak_at_largest": round(row["peak"] + (best - b1) * slope) if best else None,
+      "points": {f"{n}x{b}": r["peak"] for (n, b), r in pts.items()},
+      "compile_cpu_s": {f"{n}x{b}": r["compile_cpu_s"] for (n, b), r in pts.items()}}
+  return row
 
 
 def _measure_subprocess(spec: str, recipe: str, batch: int, explain: bool,
-                        src: pathlib.Path) -> dict[str, Any]:
+                        src: pathlib.Path, mesh: str | None = None) -> dict[str, Any]:
   """`measure` in a fresh process (the CLI's --json) importing mpxla from `src`."""
   import subprocess
 
   cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--config={spec}",
-         f"--recipe={recipe}", f"--batch={batch}", "--json"] + (["--explain"] if explain else [])
+         f"--recipe={recipe}", f"--batch={batch}", "--json"] + (["--explain"] if explain else []) \
+      + ([f"--mesh={mesh}"] if mesh else [])
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -414,8 +461,9 @@ def _measure_subprocess(spec: str, recipe: str, batch: int, explain: bool,
   return json.loads(proc.stdout)
 
 
-def _command(out_dir: pathlib.Path, quick: bool, jobs: int = 1) -> str:
-  cmd = ["python", "experiments/memory.py"] + ([f"--jobs={jobs}"] if jobs > 1 else [])
+def _command(out_dir: pathlib.Path, quick: bool, jobs: int = 1, add: bool = False) -> str:
+  cmd = ["python", "experiments/memory.py"] + ([f"--jobs={jobs}"] if jobs > 1 else []) + \
+      (["--add"] if add else [])
   default = ROOT / "experiments" / "results" / NAME
   if pathlib.Path(out_dir).resolve() != default.resolve():
     cmd.append(f"--out={out_dir}")
@@ -475,7 +523,11 @@ def render(out_dir: pathlib.Path) -> str:
       f"Command: `{res['command']}` ({_duration(res['wall_s'])} wall, "
       f"{_duration(res['cpu_s'])} CPU, {res['compiles']} compiles, on {res['cpu_count']} shared "
       f"CPU cores; JAX {res['jax_version']}, {res['date'][:10]}{tree}). One row alone: `python "
-      f"experiments/memory.py --config={CONFIG}:{sizes[-1]} --recipe=coat --json`.",
+      f"experiments/memory.py --config={CONFIG}:{sizes[-1]} --recipe=coat --json`." + "".join(
+          f" Added by `{a['command']}` ({a['date'][:10]}, commit {a['git'].get('commit')}, "
+          f"{a['compiles']} compiles, {_duration(a['compile_cpu_s'])} CPU compiling): the rows "
+          "it lacked."
+          for a in res.get("additions", [])),
       "",
       f"Each row compiles mpxla's real train step (`mpxla.train.Trainer(config).aot()`: the model "
       f"wrapped by the recipe, AdamW or `adamw_fp8`, gradient clipping, FSDP over "
@@ -508,8 +560,37 @@ def render(out_dir: pathlib.Path) -> str:
          if base.get(s["size"], {}).get("largest_batch") else "-"] for s in searches],
         "|---|---|---:|---:|---:|---:|---:|")
     lines += ["", H.prose(NAME, "method"), "", f"![peak against batch]({plots['search']})", ""]
-  lines += _verdict(res, by, searches) + _composition(by, sizes[-1], scale, unit)
+  lines += _single(res, unit) + _verdict(res, by, searches)
+  lines += _composition(by, sizes[-1], scale, unit)
+  single = {(f"{r['config'].split(':')[1]}, batch 1", r["recipe"]): r
+            for r in res.get("single", [])}
+  lines += _composition(single, next(iter(single), [""])[0], scale, unit, ("coat_sr",))
   return "\n".join(lines + [H.prose(NAME, "reading"), ""])
+
+
+def _static(r: dict) -> float:
+  """Bytes per parameter of the parameters, gradients and optimizer states (all devices)."""
+  return (r["params"] + r["grads"] + r["optimizer"]) * r["devices"] / r["n_params"]
+
+
+def _single(res: dict, unit: str) -> list[str]:
+  """The single-device table: static bytes per parameter, peak, largest batch in the budget."""
+  rows = res.get("single") or []
+  if not rows:
+    return []
+  r0, scale = rows[0], 1e9 if unit == "GB" else 1e6
+  fmt = lambda n: "-" if n is None else f"{n / scale:.2f}"  # noqa: E731
+  lines = [f"{r0['size']} ({r0['n_params'] / 1e6:,.0f}M parameters, {r0['n_layers']} layers) on "
+           f"one device (no FSDP), extrapolated from {r0['compiled_layers']} layers (below), "
+           f"{unit}; peak at {r0['batch_per_device']} x {r0['seq_len']} tokens:", ""] + H.table(
+      ["recipe", "params", "grads", "optimizer", "static bytes / param", "activations", "peak",
+       "largest batch", f"peak there ({unit})", "compiles", "compile CPU (min)"],
+      [[f"`{r['recipe']}`"] + [fmt(r[k]) for k in KEYS[:3]] + [f"{_static(r):.2f}"]
+       + [fmt(r[k]) for k in KEYS[3:]] + [f"{s['largest_batch']}" + (
+           "" if s["verified"] else " (extrapolated)"), fmt(s["peak_at_largest"]), len(s["points"]),
+           f"{sum(s['compile_cpu_s'].values()) / 60:.1f}"]
+       for r, s in ((r, r["search"]) for r in rows)], "|---|" + "---:|" * 10)
+  return lines + ["", H.prose(NAME, "single"), ""]
 
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
@@ -554,10 +635,21 @@ def _verdict(res, by, searches) -> list[str]:
       lines.append(f"- {s['size']} batch in {s['budget'] / 1e9:.0f} GB: {b['largest_batch']} -> "
                    f"{s['largest_batch']} sequences per device = **{ratio:.2f}x** "
                    f"({'met' if ratio >= 2 else 'missed'}).")
+  met = lambda ok: "met" if ok else "missed"  # noqa: E731
+  single = {r["recipe"]: r for r in res.get("single", [])}
+  if r := single.get("coat_sr"):  # goals of training without float32 master weights
+    b = r["search"]["largest_batch"]
+    lines += [f"- `coat_sr` static memory, {r['size']}: **{_static(r):.2f}** bytes per parameter "
+              f"(goal <= 6.2: {met(_static(r) <= 6.2)}); on one device it fits **{b}** sequences "
+              f"(goal >= 4: {met(b >= 4)})."]
+  for size in dict.fromkeys(r["size"] for r in res["rows"]):
+    if (b := by.get((size, "bf16"))) and (c := by.get((size, "coat_sr"))):
+      lines.append(f"- {size}: bf16 / coat_sr peak = **{b['peak'] / c['peak']:.2f}x** (goal 2.4x:"
+                   f" {met(b['peak'] / c['peak'] >= 2.4)}).")
   return lines + [""]
 
 
-def _composition(by, size, scale, unit) -> list[str]:
+def _composition(by, size, scale, unit, top=("bf16", "coat")) -> list[str]:
   rows = [(recipe, by[(size, recipe)]["peak_composition"]) for recipe in RECIPES
           if (size, recipe) in by and by[(size, recipe)].get("peak_composition")]
   if not rows:
@@ -579,7 +671,7 @@ def _composition(by, size, scale, unit) -> list[str]:
             f"| recipe | category | produced by | shape | buffers | {unit} |",
             "|---|---|---|---|---:|---:|"]
   for recipe, comp in rows:
-    if recipe not in ("bf16", "coat"):
+    if recipe not in top:
       continue
     for g in comp["top"][:8]:
       lines.append(f"| `{recipe}` | {g['category']} | `{g['op']}` | `{g['shape']}` | "
@@ -633,6 +725,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="compile this many measurements at once (each in a subprocess)")
   p.add_argument("--resume", action="store_true",
                  help="reuse the measurements of an interrupted run (OUT/runs/measurements.jsonl)")
+  p.add_argument("--add", action="store_true", help="measure only what OUT/results.json lacks")
   p.add_argument("--config", help="one measurement: configs/FILE.py[:variant]")
   p.add_argument("--recipe", default="bf16", choices=RECIPES)
   p.add_argument("--mesh", help="AXIS=N[,AXIS=N] (default: the config's mesh), e.g. fsdp=8")
@@ -676,9 +769,9 @@ def main(argv: list[str] | None = None) -> int:
   H.importable()
   if args.jobs < 1:
     _parser().error(f"--jobs={args.jobs}: need at least 1.")
-  run(out, quick=args.quick, resume=args.resume, jobs=args.jobs)
+  run(out, quick=args.quick, resume=args.resume, jobs=args.jobs, add=args.add)
   shutil.rmtree(out / "runs" / "xla_dump", ignore_errors=True)
-  print(f"$ {_command(out, args.quick, args.jobs)}\n")
+  print(f"$ {_command(out, args.quick, args.jobs, args.add)}\n")
   print(render(out))
   return 0
 

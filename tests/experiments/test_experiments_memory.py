@@ -140,3 +140,23 @@ def test_render_from_results(tmp_path):
   head = memory.headline(tmp_path)
   assert any(v == f"47.1 -> 29.4 GB ({47.1 / 29.4:.2f}x)" for v in head.values())
   assert any(v == f"6 -> 13 ({13 / 6:.2f}x)" for v in head.values())
+
+
+def test_coat_sr_static_bytes_tiny(tmp_path):
+  """coat_sr stores BF16 parameters (so BF16 gradients) and no float32 copy: 4 static bytes per
+  parameter fewer than coat, within the 6.2 goal. From the abstract state (nothing compiled)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mpxla.train.trainer import Trainer
+
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+  static = {}
+  for recipe in ("coat", "coat_sr"):
+    config = memory.load_config(f"{memory.CONFIG}:tiny", recipe)[0]
+    state = Trainer(config, tmp_path).abstract_state()
+    params = jax.tree.leaves(state["params"])
+    # params + gradients (a cotangent has its primal's dtype) + optimizer states
+    static[recipe] = (2 * nbytes(params) + nbytes(state["opt_state"])) / sum(p.size for p in params)
+    assert all(p.dtype == (jnp.bfloat16 if recipe == "coat_sr" else jnp.float32) for p in params)
+  assert static["coat_sr"] < static["coat"] - 3.9 and static["coat_sr"] <= 6.2, static
