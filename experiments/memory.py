@@ -580,8 +580,9 @@ def _single(res: dict, unit: str) -> list[str]:
     return []
   r0, scale = rows[0], 1e9 if unit == "GB" else 1e6
   fmt = lambda n: "-" if n is None else f"{n / scale:.2f}"  # noqa: E731
+  layers = " and ".join(map(str, r0["compiled_layers"]))
   lines = [f"{r0['size']} ({r0['n_params'] / 1e6:,.0f}M parameters, {r0['n_layers']} layers) on "
-           f"one device (no FSDP), extrapolated from {r0['compiled_layers']} layers (below), "
+           f"one device (no FSDP), extrapolated from {layers} layers (below), "
            f"{unit}; peak at {r0['batch_per_device']} x {r0['seq_len']} tokens:", ""] + H.table(
       ["recipe", "params", "grads", "optimizer", "static bytes / param", "activations", "peak",
        "largest batch", f"peak there ({unit})", "compiles", "compile CPU (min)"],
