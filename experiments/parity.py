@@ -210,13 +210,15 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
   """Validation loss per recipe (mean over seeds, shaded min..max) and its % gap to bf16."""
   fig, (ax, ax2) = H.pyplot().subplots(1, 2, figsize=(11, 4.2))
   base = _curves(res, "bf16")[1].mean(0) if "bf16" in res["recipes"] else None
-  for recipe in [r for r in res["recipes"] if r not in res.get("no_master", ())]:
+  recipes = [r for r in res["recipes"] if r not in res.get("no_master", ())]
+  for recipe in recipes:
     steps, ys = _curves(res, recipe)
     H.band(ax, steps, ys, _COLORS.get(recipe), f"{recipe} ({ys.shape[0]} seeds)")
     if base is not None:
       H.band(ax2, steps, 100.0 * (ys / base - 1.0), _COLORS.get(recipe), recipe, alpha=0.12)
-  lo = min(min(v for _, v in r["val"]) for r in res["runs"])
-  early = max(r["val"][min(1, len(r["val"]) - 1)][1] for r in res["runs"])  # 2nd evaluation
+  runs = [r for r in res["runs"] if r["recipe"] in recipes]
+  lo = min(min(v for _, v in r["val"]) for r in runs)
+  early = max(r["val"][min(1, len(r["val"]) - 1)][1] for r in runs)  # 2nd evaluation
   ax.set_ylim(lo - 0.05, early + 0.05)
   H.style(ax, "step", "validation loss (nats/byte)", "validation loss: mean over seeds, band = min..max")
   ax2.axhline(0.0, color="black", lw=0.8)
