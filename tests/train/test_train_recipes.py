@@ -4,9 +4,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mpxla import optim as mo
+from mpxla.train import checkpoint
 
 from mpxla import nn as mnn
 from mpxla.train import recipes
@@ -52,3 +54,15 @@ def test_coat_sr_trains_and_resumes_bit_exactly(tiny_config, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 7))
   assert a == b  # bit-identical at every step: the rounding bits come from the step
   assert a[6] < a[1]
+  # Its checkpoint restores onto an FSDP layout bit for bit (BF16 params, FP8 moments).
+  abstract = {n: Trainer(tiny_config(**dense, **mesh), tmp_path / "split").abstract_state()
+              for n, mesh in (("fsdp", {"mesh.data": "2", "mesh.fsdp": "4"}), ("data", {}))}
+  restored = {}
+  for n, state in abstract.items():
+    ckpt = checkpoint.Checkpointer(tmp_path / "split" / "checkpoints", keep=3)
+    restored[n], _ = ckpt.restore(6, state)
+    ckpt.close()
+  for x, y in zip(jax.tree.leaves(restored["fsdp"]), jax.tree.leaves(restored["data"]),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(restored["fsdp"]["params"]))
