@@ -330,6 +330,7 @@ class Trainer:
       if _agree(stop.requested):
         return self._stopped_before_first_step(start)
       compiled = self.compile_train_step()
+      _ = self._stats_step  # compiled before the first step (None unless fp8_stats_every)
       if _agree(stop.requested):
         return self._stopped_before_first_step(start)
       if restored is None:
