@@ -1,4 +1,4 @@
-"""Loss parity: six recipes on the default GPT (configs/gpt_tiny.py), three seeds each.
+"""Loss parity: seven recipes on the default GPT (configs/gpt_tiny.py), three seeds each.
 
 Command:  python experiments/parity.py --reuse          (get_config("full"): 18 trainer runs of
           300 steps and 2 of 900 in subprocesses, 5 to 16 min per 300-step run on 2 shared CPU
@@ -27,7 +27,7 @@ import ml_collections
 def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   if arg == "full":
     return ml_collections.ConfigDict(dict(
-        recipes=("bf16", "fp8_linear", "coat", "hif8", "bf16_sr", "coat_sr"), seeds=(0, 1, 2),
+        recipes=("bf16", "fp8_linear", "coat", "hif8", "mxfp8", "bf16_sr", "coat_sr"), seeds=(0, 1, 2),
         steps=300, eval_every=25, eval_batches=16, overrides={}, no_master=("bf16_sr", "coat_sr"),
         long=dict(recipes=("bf16", "coat_sr"), seed=0, steps=900, eval_every=50)))
   if arg == "quick":  # compilation dominates: about 10 s of CPU for bf16 and 25 s for coat
