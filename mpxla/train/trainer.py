@@ -147,7 +147,10 @@ class Trainer:
   def _train_step(self, state, batch, probes=None):
     """One update, and whether every floating leaf of the new state is finite (per leaf);
     with fp8_stats `probes`, also the FP8 statistics (their gradient) as metrics['fp8']."""
-    new_state, metrics = self._update(state, batch, probes)
+    if probes is None:
+      new_state, metrics = self._update(state, batch)
+    else:
+      new_state, metrics = self._update(state, batch, probes)
     return new_state, {**metrics, "state_finite": checkpoint.finite_flags(new_state)}
 
   def _update(self, state, batch, probes=None):

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
@@ -38,6 +39,7 @@ def _cos(a, b):
   return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
 
 
+@pytest.mark.slow  # ~25 s; FP8 experts vs numpy stay in test_nn_fp8_grouped
 def test_fp8_experts_are_as_close_to_float32_as_a_dense_fp8_mlp():
   moe, mlp = MoEBlock(), MLP()
   pm, pd = moe.init(jax.random.key(0), X)["params"], mlp.init(jax.random.key(1), X)["params"]

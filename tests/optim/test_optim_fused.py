@@ -89,6 +89,7 @@ def _compare(shapes, steps, layout, block_rows, kw=None, params_dtype=jnp.float3
 CODES_TOL = 2e-4
 
 
+@pytest.mark.slow  # default tier: the TPU-layout and bf16 cases
 def test_gpu_layout_bit_identical_gpt_shaped():
   """Stochastic rounding (the default), 3 steps; blocks of 16 rows (partial last blocks)."""
   shapes = _gpt_shapes(vocab=260)
@@ -134,6 +135,7 @@ def test_bit_identical_inject_hyperparams_and_one_leaf():
     s_ref = s_new
 
 
+@pytest.mark.slow  # default tier: the TPU-layout and bf16 cases
 def test_kernel_leaf_selection():
   g = jnp.zeros((8, 512))
   opt = mo.adamw_fp8(1e-3)

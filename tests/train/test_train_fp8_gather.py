@@ -1,6 +1,7 @@
 """FSDP with an FP8 recipe: the weights' all-gathers in the compiled step move 1-byte codes."""
 
 import numpy as np
+import pytest
 
 from mpxla.train import monitor
 from mpxla.train.trainer import Trainer
@@ -8,6 +9,7 @@ from mpxla.train.trainer import Trainer
 FSDP = {"model.attention_impl": "'dense_jax'", "mesh.data": "1", "mesh.fsdp": "8"}
 
 
+@pytest.mark.slow  # two 8-device compiles; the matmul-level HLO test is in tests/nn
 def test_fsdp_fp8_step_gathers_weights_as_uint8(tiny_config):
   fp8 = Trainer(tiny_config(recipe="'fp8_linear'", **FSDP), "/nonexistent")
   params = fp8.abstract_state()["params"]

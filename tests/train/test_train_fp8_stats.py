@@ -9,6 +9,7 @@ from mpxla.train.trainer import NonFiniteLoss, NonFiniteState, Trainer
 DENSE = {"model.attention_impl": "'dense_jax'"}
 
 
+@pytest.mark.slow  # a trainer run; the statistics themselves: tests/nn/test_nn_fp8_stats.py
 def test_fp8_statistics_are_logged_with_a_heatmap_and_a_worst_table(tiny_config, tmp_path):
   c = dict(total_steps="2", fp8_stats_every="2", recipe="'fp8_linear'", plot="True",
            checkpoint_every="2", eval_every="2", eval_batches="1", **DENSE)

@@ -21,6 +21,7 @@ def test_trainer_recipes_are_the_nn_registry():
   assert set(recipes.FP8_STATE_RECIPES) <= set(recipes.RECIPES)
 
 
+@pytest.mark.slow  # several trainer compiles
 def test_fp8_block_trains(tiny_config, tmp_path):
   dense = {"model.attention_impl": "'dense_jax'"}
   Trainer(tiny_config(total_steps="2", recipe="'fp8_block'", **dense), tmp_path / "block").run()
@@ -44,6 +45,7 @@ def test_bf16_parameter_recipes_keep_no_float32_copy(recipe, tiny_config):
     assert moments and all(x.dtype == jnp.float32 for x in moments)
 
 
+@pytest.mark.slow  # several trainer compiles
 def test_coat_sr_trains_and_resumes_bit_exactly(tiny_config, tmp_path):
   dense = {"model.attention_impl": "'dense_jax'", "recipe": "'coat_sr'"}
   Trainer(tiny_config(**dense), tmp_path / "full").run()
