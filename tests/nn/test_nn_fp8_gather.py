@@ -1,8 +1,6 @@
 """FP8 weight all-gather under FSDP (`DotConfig(gather_weight=True)`): 1-byte collectives, and
 the same numbers as letting XLA gather the weight."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mpxla.nn import fp8_dot
+from mpxla.train import monitor
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -54,9 +53,9 @@ def test_gathered_codes_are_uint8_and_the_result_is_bit_exact(axis_type):
   np.testing.assert_array_equal(np.asarray(y8, np.float32), np.asarray(y, np.float32))
   np.testing.assert_array_equal(np.asarray(dx8, np.float32), np.asarray(dx, np.float32))
   np.testing.assert_array_equal(np.asarray(dw8), np.asarray(dw))
-  gathers = re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(", hlo)
+  gathers = monitor.all_gathers(hlo)
   assert gathers, "no all-gather in the compiled step"
-  assert ("u8", "256,512") in gathers, gathers  # the whole weight, 1 byte per element
+  assert ("u8", (256, 512)) in gathers, gathers  # the whole weight, 1 byte per element
   assert all(t == "u8" for t, _ in gathers), gathers
 
 
