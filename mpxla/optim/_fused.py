@@ -14,8 +14,9 @@ In interpret mode on CPU the result is bit-identical to the XLA path: codes, k16
 count and updates (tests/optim/test_optim_fused.py).
 
 Where it is used (`adamw_fp8(impl=...)`): 'auto' takes it on GPU ('pallas_gpu', Triton) and
-TPU ('pallas_tpu', Mosaic) and the XLA path elsewhere, and also the XLA path when `mask` is
-given or the base config is not E4M3 + expansion with groups of 128. Within the fused
+TPU ('pallas_tpu', Mosaic) and the XLA path elsewhere, and also the XLA path when the base
+config is not E4M3 + expansion with groups of 128. A weight-decay `mask` (as optax.adamw's)
+selects, per leaf, whether the kernel adds the decay. Within the fused
 update, a leaf goes through the kernel when both its moments are compressed with exactly
 that codec (E4M3, expansion, group 128, float32 originals), its gradient is float32 and its
 parameter float32 or bfloat16 (float32 when the weight decay is an array or schedule); the
@@ -378,13 +379,14 @@ def _xla_leaf(g, p, mu, nu, hp_values: _Hyper, salts):
 
 def fused_adamw_fp8(
     learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, *,
-    config=None, overrides=None, layout: str = "gpu", interpret: bool = False,
+    mask=None, config=None, overrides=None, layout: str = "gpu", interpret: bool = False,
     block_rows: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """adamw_fp8 (no mask) with the fused kernel; same state and results as the XLA path."""
+  """adamw_fp8 with the fused kernel; same state and results as the XLA path."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                      mask=mask)
   xla = compress_states(inner, config, overrides=overrides)
   base = make_config(config)
 
@@ -396,8 +398,11 @@ def fused_adamw_fp8(
     adam, wd_state, lr_state = state
     count_inc = optax.safe_increment(adam.count)
     if callable(weight_decay):
-      wd = weight_decay(wd_state.count)
-      wd_state = wd_state._replace(count=optax.safe_increment(wd_state.count))
+      # optax.masked keeps add_decayed_weights' own state under `inner_state`.
+      wd_inner = wd_state.inner_state if mask is not None else wd_state
+      wd = weight_decay(wd_inner.count)
+      wd_inner = wd_inner._replace(count=optax.safe_increment(wd_inner.count))
+      wd_state = wd_state._replace(inner_state=wd_inner) if mask is not None else wd_inner
     else:
       wd = None if _is_static(weight_decay) and weight_decay == 0.0 else weight_decay
     if callable(learning_rate):
@@ -414,16 +419,21 @@ def fused_adamw_fp8(
 
     g_flat, treedef = jax.tree.flatten(updates)
     p_flat = treedef.flatten_up_to(params)
+    decays = _decay_flags(mask, updates, treedef)
     mu_paths = jax.tree_util.tree_flatten_with_path(adam.mu, is_leaf=is_compressed)[0]
     nu_paths = jax.tree_util.tree_flatten_with_path(adam.nu, is_leaf=is_compressed)[0]
     u_out, mu_out, nu_out = [], [], []
-    for g, p, (mp, mu), (np_, nu) in zip(g_flat, p_flat, mu_paths, nu_paths, strict=True):
+    for g, p, (mp, mu), (np_, nu), decay in zip(g_flat, p_flat, mu_paths, nu_paths, decays,
+                                                strict=True):
       salts = (_salt((jax.tree_util.SequenceKey(0), jax.tree_util.GetAttrKey("mu"), *mp)),
                _salt((jax.tree_util.SequenceKey(0), jax.tree_util.GetAttrKey("nu"), *np_)))
-      if _kernel_leaf(g, p, mu, nu, hp, dyn_dtypes):
-        u, m2, v2 = _fused_leaf(g, p, mu, nu, hp, scal, salts, layout, interpret, block_rows)
+      leaf_hp = hp if decay else hp._replace(wd=None)
+      if _kernel_leaf(g, p, mu, nu, leaf_hp, dyn_dtypes):
+        u, m2, v2 = _fused_leaf(g, p, mu, nu, leaf_hp, scal, salts, layout, interpret,
+                                block_rows)
       else:
-        u, m2, v2 = _xla_leaf(g, p, mu, nu, hp_values, salts)
+        leaf_values = hp_values if decay else hp_values._replace(wd=None)
+        u, m2, v2 = _xla_leaf(g, p, mu, nu, leaf_values, salts)
       u_out.append(u)
       mu_out.append(m2)
       nu_out.append(v2)
@@ -432,6 +442,16 @@ def fused_adamw_fp8(
     return jax.tree.unflatten(treedef, u_out), (new_adam, wd_state, lr_state)
 
   return optax.GradientTransformationExtraArgs(xla.init, update_fn)
+
+
+def _decay_flags(mask, updates, treedef) -> list[bool]:
+  """Per leaf of `updates`, whether weight decay applies: optax.masked's reading of `mask`
+  (a tree of bools, or a prefix of one, or a callable of the updates)."""
+  if mask is None:
+    return [True] * treedef.num_leaves
+  tree = mask(updates) if callable(mask) else mask
+  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, updates)
+  return treedef.flatten_up_to(full)
 
 
 def _salt(path) -> int:

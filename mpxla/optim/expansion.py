@@ -233,13 +233,17 @@ def _decode_params(
   """Per-group decode constants: (a, 1/k) with |x'| = 2^(a + log2|q| / k), or (amax / M, None).
 
   a = log2 amax - log2 M / k; amax * 0 makes it NaN for a non-finite group (stored
-  amax = NaN), which makes the group's whole decode NaN.
+  amax = NaN), which makes the group's whole decode NaN. log2 M / k is one division
+  (16 log2 M) / k16, not a product with 1/k: a product feeding the subtraction may or may
+  not be contracted into an FMA depending on how the compiler fuses the program, and the
+  decoded values (and stochastic rounding's decisions) must not depend on that.
   """
   if k16 is None:
     return amax / fmt.max, None
-  inv_k = K_DENOM / k16.astype(jnp.float32)
-  a = jnp.log2(jnp.where(_usable(amax), amax, 1.0)) + amax * 0.0 - math.log2(fmt.max) * inv_k
-  return a, inv_k
+  k16 = k16.astype(jnp.float32)
+  a = (jnp.log2(jnp.where(_usable(amax), amax, 1.0)) + amax * 0.0
+       - (K_DENOM * math.log2(fmt.max)) / k16)
+  return a, K_DENOM / k16
 
 
 def _magnitude(

@@ -40,11 +40,10 @@ def adamw_fp8(
       (e.g. `{'fmt': 'e5m2', 'rounding': 'nearest'}`); default `LeafConfig()`.
     overrides: per-leaf settings, as in `compress`.
     impl: 'auto' (default): the fused Pallas update kernel (`mpxla.optim._fused`) on GPU
-      and TPU when it applies (no `mask`, and the config is E4M3 with expansion and groups
-      of 128, the default), the XLA path otherwise and on CPU. 'xla': always
+      and TPU when the config is the kernel's (E4M3 with expansion and groups of 128, the
+      default), the XLA path otherwise and on CPU. 'xla': always
       `compress_states(optax.adamw(...))`. 'pallas_gpu' / 'pallas_tpu': the kernel with
-      that platform's layout (Triton / Mosaic); raises if `mask` is given or the config is
-      not the kernel's. Both paths keep the same state and give the same results (bit for
+      that platform's layout (Triton / Mosaic); raises if the config is not the kernel's. Both paths keep the same state and give the same results (bit for
       bit in interpret mode; see docs/optim.md, "Fused update kernel").
     interpret: run the Pallas kernel in interpret mode (CPU; for tests).
 
@@ -56,17 +55,15 @@ def adamw_fp8(
     raise ValueError(f"adamw_fp8: impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     platform = jax.default_backend()
-    fits = mask is None and _fused.kernel_config(make_config(config))
+    fits = _fused.kernel_config(make_config(config))
     impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla") if fits else "xla"
   elif impl != "xla":
-    if mask is not None:
-      raise ValueError(f"adamw_fp8: impl={impl!r} does not take a mask; use impl='auto'/'xla'")
     if not _fused.kernel_config(make_config(config)):
       raise ValueError(f"adamw_fp8: impl={impl!r} needs fmt='e4m3', expansion=True and "
                        "group_size=128; use impl='auto'/'xla' for other settings")
   if impl != "xla":
     return _fused.fused_adamw_fp8(
-        learning_rate, b1, b2, eps, weight_decay, config=config, overrides=overrides,
+        learning_rate, b1, b2, eps, weight_decay, mask=mask, config=config, overrides=overrides,
         layout=impl.removeprefix("pallas_"), interpret=interpret)
   inner = optax.adamw(
       learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask

@@ -50,6 +50,14 @@ def _final_loss(opt):
 
 
 def test_mlp_fp8_states_track_float32_and_beat_plain_e4m3():
+  """Per seed, the final loss relative to float32 states; the median over 8 seeds.
+
+  The median, not the mean: seed 0's trajectory is chaotic (a learning rate changed by one
+  part in 2^22 moves float32 states' own final loss there from 0.203 to 0.225, +10%, and the
+  8-seed mean by 3.9%), so the mean measured that seed's luck. FP8 states must not be worse
+  than float32 states by more than 3% (round to nearest with expansion came out about 8%
+  lower on 7 of 8 seeds), and beat plain per-group E4M3 on average.
+  """
   lr = optax.cosine_decay_schedule(3e-3, _STEPS)
   nearest = {"min_size": 1024, "rounding": "nearest"}
   runs = {
@@ -58,9 +66,9 @@ def test_mlp_fp8_states_track_float32_and_beat_plain_e4m3():
       "plain": _final_loss(mo.compress_states(optax.adam(lr), **nearest, expansion=False)),
       "stochastic": _final_loss(mo.compress_states(optax.adam(lr), min_size=1024)),
   }
-  loss = {k: float(jnp.mean(f(jnp.arange(3)))) for k, f in runs.items()}  # 3 seeds.
-  assert abs(loss["expansion"] / loss["f32"] - 1.0) <= 0.03, loss
-  assert loss["expansion"] < loss["plain"], loss
-  # The default (stochastic rounding): no worse than float32 states by more than 3% (it came out
-  # 3.5% lower: its noise moves the 3-seed mean either way), and better than plain E4M3.
-  assert loss["stochastic"] <= 1.03 * loss["f32"] and loss["stochastic"] < loss["plain"], loss
+  loss = {k: np.asarray(f(jnp.arange(8))) for k, f in runs.items()}
+  ratio = {k: float(np.median(v / loss["f32"])) for k, v in loss.items()}
+  for name in ("expansion", "stochastic"):
+    assert ratio[name] <= 1.03, (name, ratio, loss)
+    assert loss[name].mean() < loss["plain"].mean(), (name, loss)
+  assert ratio["plain"] > 1.03, ratio  # the check can fail: plain per-group E4M3 does
