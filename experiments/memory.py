@@ -165,7 +165,8 @@ def measure(spec: str, recipe: str, per_device_batch: int | None = None,
                                              "model_state"))
   out.update({k: breakdown[k] for k in ("step_arguments", "step_outputs", "step_temp",
                                         "step_aliased")})
-  out.update(compile_wall_s=round(wall, 1), compile_cpu_s=round(cpu, 1))
+  out.update(compile_wall_s=round(wall, 1), compile_cpu_s=round(cpu, 1),
+             all_gather_bytes=breakdown["all_gather_bytes"])
   if dump is not None:
     if explain:
       out["peak_composition"] = peak_composition(dump)
@@ -361,8 +362,8 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])}
   kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
 
-  def table_row(size, recipe):
-    if (size, recipe) in kept:
+  def table_row(size, recipe):  # --add re-measures rows from before the all-gather column
+    if "all_gather_bytes" in kept.get((size, recipe), {}):
       return kept[size, recipe]
     row = measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True)
     row["size"] = size
@@ -536,6 +537,7 @@ def render(out_dir: pathlib.Path) -> str:
       f"device ({batch * first['devices']} per step), with abstract inputs only, and reads XLA's "
       f"buffer assignment. {unit} per device (1 {unit} = 10^{round(math.log10(scale))} bytes):",
       ""]
+  gather = any("all_gather_bytes" in r for r in rows)  # a column since it was measured
   table = []
   for size in sizes:
     base = by.get((size, "bf16"))
@@ -543,9 +545,11 @@ def render(out_dir: pathlib.Path) -> str:
       r = by[size, recipe]
       table.append([f"{size} ({r['n_params'] / 1e6:,.0f}M)" if recipe == RECIPES[0] else "",
                     f"`{recipe}`"] + [fmt(r[k]) for k in KEYS]
-                   + [f"{base['peak'] / r['peak']:.2f}x" if base else "-"])
+                   + [f"{base['peak'] / r['peak']:.2f}x" if base else "-"]
+                   + [fmt(r.get("all_gather_bytes"))] * gather)
   lines += H.table(["model", "recipe", "params", "grads", "optimizer", "activations", "peak",
-                    "bf16 peak / peak"], table, "|---|---|---:|---:|---:|---:|---:|---:|")
+                    "bf16 peak / peak"] + ["all-gathered / step"] * gather, table,
+                   "|---|---|" + "---:|" * (6 + gather))
   lines += ["", H.prose(NAME, "definitions", res.get("quick", False)), "",
             f"![per-device memory by recipe]({plots['breakdown']})", ""]
   if searches:
