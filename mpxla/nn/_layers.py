@@ -70,10 +70,10 @@ def wants_stats(recipe: Recipe) -> bool:
 
 def moe_fp8(layer, recipe: Recipe | None):
   """The `DotConfig` an MoE layer's expert matmuls get under `recipe`, or None (kept): FP8
-  recipes, sparse dispatch with 'ragged_dot' or 'auto', no FP8 config of its own."""
+  recipes, sparse dispatch with 'ragged_dot', no FP8 config of its own."""
   if recipe is None or recipe.linear is None or layer.fp8 is not None:
     return None
-  if layer.dispatch != "sparse" or layer.grouped_matmul not in ("ragged_dot", "auto"):
+  if layer.dispatch != "sparse" or layer.grouped_matmul != "ragged_dot":
     return None
   return recipe.linear
 
@@ -83,8 +83,7 @@ def describe_moe(recipe: Recipe | None, config) -> str:
     return "fp8 MoE experts (grouped matmuls, per-expert tensor scaling)"
   if recipe is None or recipe.linear is None:
     return "kept (MoE experts in high precision)"
-  return ("kept (MoE experts: FP8 needs dispatch='sparse', grouped_matmul='ragged_dot' or "
-          "'auto')")
+  return "kept (MoE experts: FP8 needs dispatch='sparse', grouped_matmul='ragged_dot')"
 
 
 def keep_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,

@@ -14,16 +14,13 @@ Dispatch (`dispatch=`):
                       (`group_sizes_E` = pairs per expert), the rows are scaled by their
                       router weight and scatter-added back to their tokens. Cost:
                       k * T * 3 * D * F multiply-adds (times E on XLA:CPU with
-                      'ragged_dot', see `grouped_matmul`; the default does not take
-                      'ragged_dot' there), independent of E.
+                      'ragged_dot', see `grouped_matmul`), independent of E.
   'dense'             the reference: every expert on every token, the combine weights
                       (zero off the top k) select; E times the FLOPs of one expert.
 
 Grouped matmul of the sparse dispatch (`grouped_matmul=`):
 
-  'auto' (default)        'ragged_dot' on GPU and TPU and for FP8 experts, 'blocks' elsewhere
-                          (XLA:CPU), chosen from `jax.default_backend()` when traced.
-  'ragged_dot'            `jax.lax.ragged_dot`: the native grouped matmul on GPU/TPU.
+  'ragged_dot' (default)  `jax.lax.ragged_dot`: the native grouped matmul on GPU/TPU.
                           XLA:CPU lowers it as a masked dense dot over all E groups (the
                           FLOPs of 'dense').
   'blocks'                each expert's rows padded to a multiple of `block_size` rows;
@@ -138,7 +135,7 @@ def experts_swiglu(x, gate_ExDxF, up_ExDxF, down_ExFxD, combine_E, dtype):
 
 
 DISPATCHES = ("sparse", "dense")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
+GROUPED_MATMULS = ("ragged_dot", "blocks")
 
 
 def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
@@ -210,24 +207,13 @@ def ragged_matmul(x_GxMxK, w_ExKxN, group_sizes_GxE):
   return jax.lax.ragged_dot_general(x_GxMxK, w_ExKxN, group_sizes_GxE, _GROUPED_DIMS)
 
 
-def resolve_grouped_matmul(impl: str, fp8=None) -> str:
-  """'auto' -> 'ragged_dot' on GPU/TPU or with FP8 experts, else 'blocks'; others unchanged."""
-  if impl != "auto":
-    return impl
-  return "ragged_dot" if fp8 is not None or jax.default_backend() in ("gpu", "tpu") else "blocks"
-
-
 def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *,
-                   impl="auto", block_size=None, fp8=None):
+                   impl="ragged_dot", block_size=None, fp8=None):
   """Rows sorted by expert: row r of expert group e -> (silu(x_r G_e) * (x_r U_e)) D_e.
 
   G dispatch groups, each with its own group sizes; rows past sum(group_sizes) give 0.
-  fp8: a `DotConfig` for FP8 expert matmuls (`fp8_grouped_matmul`; 'ragged_dot' or 'auto').
+  fp8: a `DotConfig` for FP8 expert matmuls (`fp8_grouped_matmul`; 'ragged_dot' only).
   """
-  impl = resolve_grouped_matmul(impl, fp8)
-  if fp8 is not None and impl != "ragged_dot":
-    raise ValueError(f"FP8 experts (fp8=...) need grouped_matmul='ragged_dot' or 'auto', "
-                     f"got {impl!r}.")
   if impl == "ragged_dot":
     mm = ragged_matmul if fp8 is None else functools.partial(
         fp8_grouped_matmul, config=fp8, preferred_element_type=x_GxMxD.dtype)
@@ -250,7 +236,7 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
 
 
 def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF, up_ExDxF,
-                  down_ExFxD, *, impl="auto", block_size=None, fp8=None):
+                  down_ExFxD, *, impl="ragged_dot", block_size=None, fp8=None):
   """y_t = sum_j keep_tj w_tj E_{i_tj}(x_t), per dispatch group, by sorting pairs by expert.
 
   In each group the pairs (t, j), M = S K of them, are ordered by expert (`sort_pairs`),
@@ -269,7 +255,7 @@ def sparse_swiglu(x_GxSxD, weights_GxSxK, indices_GxSxK, keep_GxSxK, gate_ExDxF,
 
 
 def moe_experts(x, weights, indices, mask, gate_ExDxF, up_ExDxF, down_ExFxD, *, dtype,
-                dispatch="sparse", capacity_factor=None, grouped_matmul="auto",
+                dispatch="sparse", capacity_factor=None, grouped_matmul="ragged_dot",
                 block_size=None, expert_axis=None, fp8=None):
   """The expert part of the MoE layer: (y [..., D] in `dtype`, dropped pairs, valid pairs).
 
@@ -397,8 +383,7 @@ class MoE(nn.Module):
     partitioned: attach logical axis names ('exp', 'embed', 'mlp') to the kernels.
     dispatch: 'sparse' (sorted tokens, grouped matmuls; default) | 'dense' (reference).
     capacity_factor: None (dropless) or > 0: C = ceil(capacity_factor * S * k / E).
-    grouped_matmul: 'auto' (default) | 'ragged_dot' | 'blocks' (the sparse dispatch's grouped
-      matmul; 'auto': 'ragged_dot' on GPU/TPU and for FP8 experts, 'blocks' on CPU).
+    grouped_matmul: 'ragged_dot' | 'blocks' (the sparse dispatch's grouped matmul).
     block_size: rows per block of 'blocks' (None: automatic).
     expert_axis: the mesh axis the experts are sharded over when the context mesh has it
       with size > 1 (expert parallelism, sparse dispatch); None: experts never sharded.
@@ -420,7 +405,7 @@ class MoE(nn.Module):
   partitioned: bool = False
   dispatch: str = "sparse"
   capacity_factor: float | None = None
-  grouped_matmul: str = "auto"
+  grouped_matmul: str = "ragged_dot"
   block_size: int | None = None
   expert_axis: str | None = "expert"
   fp8: DotConfig | None = None
@@ -511,7 +496,7 @@ class NNXMoE(nnx.Module):
                axis_name: AxisName = None, accumulate_counts: bool = False,
                normalize_weights: bool = True, kernel_init: Initializer = _default_init,
                partitioned: bool = False, dispatch: str = "sparse",
-               capacity_factor: float | None = None, grouped_matmul: str = "auto",
+               capacity_factor: float | None = None, grouped_matmul: str = "ragged_dot",
                block_size: int | None = None, expert_axis: str | None = "expert",
                fp8: DotConfig | None = None, rngs: nnx.Rngs):
     check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size)

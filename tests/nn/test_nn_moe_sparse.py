@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mpxla.nn.moe import MoE, NNXMoE, expert_capacity, resolve_grouped_matmul, top_k_route
+from mpxla.nn.moe import MoE, NNXMoE, expert_capacity, top_k_route
 from mpxla.parallel import moe as pmoe
 
 B, T, D, E, F = 3, 7, 6, 4, 5  # 21 tokens: divisible by nothing convenient
 TOL = dict(rtol=1e-5, atol=1e-5)
-IMPLS = [dict(grouped_matmul="ragged_dot"), dict(grouped_matmul="blocks", block_size=2)]
+IMPLS = [dict(dispatch="sparse"), dict(grouped_matmul="blocks", block_size=2)]
 
 
 def tokens(seed=0):
@@ -186,25 +186,3 @@ def test_bad_arguments_raise_value_errors_naming_them():
   for k in (0, E + 1):
     with pytest.raises(ValueError, match="top_k"):
       MoE(E, F, top_k=k).apply(v, x, mutable=["intermediates"])
-
-
-def test_auto_grouped_matmul_is_blocks_on_cpu_and_ragged_dot_for_fp8():
-  """The default ('auto') on CPU computes exactly what 'blocks' does; FP8 experts take
-  'ragged_dot' (the only grouped matmul with an FP8 path) and refuse 'blocks'."""
-  from mpxla.nn.moe import grouped_swiglu  # pylint: disable=import-outside-toplevel
-  from mpxla.nn import DotConfig  # pylint: disable=import-outside-toplevel
-
-  assert jax.default_backend() == "cpu"
-  assert MoE(num_experts=E, d_ff=F).grouped_matmul == "auto"
-  assert resolve_grouped_matmul("auto") == "blocks"
-  assert resolve_grouped_matmul("auto", fp8=DotConfig()) == "ragged_dot"
-  assert resolve_grouped_matmul("ragged_dot") == "ragged_dot"
-  p = params(2, "random")
-  y_auto = MoE(num_experts=E, d_ff=F, top_k=2).apply({"params": p}, tokens())
-  y_blocks = MoE(num_experts=E, d_ff=F, top_k=2, grouped_matmul="blocks").apply(
-      {"params": p}, tokens())
-  np.testing.assert_array_equal(np.asarray(y_auto), np.asarray(y_blocks))
-  x, w = jnp.ones((1, 4, D)), jnp.ones((E, D, F))
-  with pytest.raises(ValueError, match="grouped_matmul='ragged_dot' or 'auto'"):
-    grouped_swiglu(x, w, w, jnp.ones((E, F, D)), jnp.asarray([[4, 0, 0, 0]], jnp.int32),
-                   impl="blocks", fp8=DotConfig())
