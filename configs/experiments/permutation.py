@@ -13,7 +13,7 @@ bf16 seed-0 run, else one trained here), runs it on the largest validation files
 embedded corpus at a context far beyond its 128-token training length (the model uses rotary
 position embeddings, so it runs at any length), and captures every layer's rotated queries,
 keys and values. A second study does the same for the config trained on 2048-token rows
-(trained here; --long-train-len), read at its training length. Per layer and query head it
+(trained here; long_train_len, 0: none), read at its training length. Per layer and query head it
 computes the causal attention map P[q, t] = softmax_t(q . k_t / sqrt(d)) (t <= q) and:
 
 * block mass   M[i, j] = (1 / |Q_i|) sum_{q in Q_i} sum_{t in K_j} P[q, t], where Q_i is query

@@ -96,7 +96,7 @@ def permute_kv(q: jax.Array, k: jax.Array, v: jax.Array, mask: M.Mask | None = N
     probs = jax.nn.softmax(jnp.where(allowed, s * scale, -jnp.inf), axis=-1)
     probs = jnp.where(allowed, probs, 0.0)
     importance = probs.sum(2).reshape(b, hk, g, tk).sum(2)  # [B, Hk, Tk]
-    perm = _segment_sort(importance, segment)
+    perm = segment_sort(importance, segment)
     slots = jnp.swapaxes(perm, 1, 2)[..., None]  # [B, Tk, Hk, 1]
     k, v, k_est = (jnp.take_along_axis(x, slots, axis=1) for x in (k, v, k_est))
 
@@ -161,15 +161,16 @@ def _pool(x, bs, nb):
   return x.reshape(x.shape[0], nb, bs, *x.shape[2:]).sum(2) / counts[:, None, None]
 
 
-def _segment_sort(importance, segment):
-  """int32 [B, Hk, Tk]: positions sorted by importance (descending, stable) in each segment."""
-  b, hk, tk = importance.shape
+def segment_sort(importance, segment):
+  """int32 [..., Tk]: positions sorted by importance (descending, stable) in each aligned segment
+  of `segment` keys; importance must be >= 0 (a short last segment is padded with -1)."""
+  tk = importance.shape[-1]
   ns = -(-tk // segment)
-  pad = ns * segment - tk
-  imp = jnp.pad(importance, ((0, 0), (0, 0), (0, pad)), constant_values=-1.0)  # padding last
-  order = jnp.argsort(-imp.reshape(b, hk, ns, segment), axis=-1, stable=True)
+  pad = ((0, 0),) * (importance.ndim - 1) + ((0, ns * segment - tk),)
+  imp = jnp.pad(importance, pad, constant_values=-1.0)  # padding sorts last
+  order = jnp.argsort(-imp.reshape(imp.shape[:-1] + (ns, segment)), axis=-1, stable=True)
   pos = order + (jnp.arange(ns) * segment)[:, None]
-  return pos.reshape(b, hk, ns * segment)[..., :tk].astype(jnp.int32)
+  return pos.reshape(imp.shape)[..., :tk].astype(jnp.int32)
 
 
 def _always(tq, tk, bq, bk, nq, nk, perm, g):
