@@ -7,17 +7,11 @@ Llama-2-7B on one device. Settings: configs/experiments/memory.py. Commands (rep
 
 One measurement builds `mpxla.train.Trainer(config)` (the model wrapped by the recipe, the
 optimizer, FSDP shardings), compiles its train step with abstract inputs only (nothing is
-allocated) for the simulated CPU devices, and reads XLA's buffer assignment. Bytes per device:
-  params, optimizer = the per-device shards of state['params'] (float32, or BF16 for the `_sr`
-                recipes) and of state['opt_state']
-  grads       = the params' per-device bytes (a cotangent has its primal's dtype; in temp)
-  activations = temp - grads: saved activations, transients (logits, attention blocks),
-                gathered FSDP weights, optimizer-update temporaries
-  peak        = arguments + outputs + temp - aliased (the state is donated, so aliased = state)
-  other       = the rest of the peak: the batch and the metrics (the columns add up to the peak)
-`temp` is XLA's packed temp allocation under the memory-minimizing schedule
-(`--xla_cpu_enable_concurrency_optimized_scheduler=false`), fragmentation included. --explain
-(always in the section run) lists what is live at the peak, by producer (`peak_composition`).
+allocated) for the simulated CPU devices, and reads XLA's buffer assignment under the
+memory-minimizing schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`): bytes
+per device as `mpxla.train.monitor.memory_breakdown` defines them (params, grads, optimizer,
+activations, peak, other), and the bytes all-gathered per step. --explain (always in the
+section run) lists what is live at the peak, by producer (`monitor.peak_composition`).
 
 The largest batch in a budget (`largest_batch`): peak is close to affine in the per-device batch
 b; from the table's compile at b0, a first guess takes all of `activations` to grow with b, is
@@ -35,7 +29,6 @@ before it, and the byte counts were checked to be identical with and without the
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -146,106 +139,22 @@ def measure(spec: str, recipe: str, per_device_batch: int | None = None,
   state = trainer.abstract_state()
   breakdown = trainer.aot()  # compiles; params/optimizer/model_state are per-device shard bytes
   wall, cpu = time.time() - wall, time.process_time() - cpu
-  grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
-                       state["params"])  # a cotangent has its primal's shape, dtype and sharding
-  grad_bytes = monitor.tree_bytes(grads)[1]
-  peak = (breakdown["step_arguments"] + breakdown["step_outputs"] + breakdown["step_temp"]
-          - breakdown["step_aliased"])
   out = {
       "config": spec, "recipe": recipe, "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
       "devices": int(trainer.mesh.size), "batch_global": int(config.data.batch_size),
       "batch_per_device": int(config.data.batch_size // batch_devices),
       "seq_len": int(config.data.seq_len),
       "n_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state["params"]))),
-      "params": breakdown["params"], "grads": grad_bytes, "optimizer": breakdown["optimizer"],
-      "activations": breakdown["step_temp"] - grad_bytes, "peak": peak,
-      "model_state": breakdown["model_state"],
+      **{k: breakdown[k] for k in (*KEYS, "model_state", "other", "step_arguments",
+                                   "step_outputs", "step_temp", "step_aliased")},
   }
-  out["other"] = peak - sum(out[k] for k in ("params", "grads", "optimizer", "activations",
-                                             "model_state"))
-  out.update({k: breakdown[k] for k in ("step_arguments", "step_outputs", "step_temp",
-                                        "step_aliased")})
   out.update(compile_wall_s=round(wall, 1), compile_cpu_s=round(cpu, 1),
              all_gather_bytes=breakdown["all_gather_bytes"])
   if dump is not None:
     if explain:
-      out["peak_composition"] = peak_composition(dump)
+      out["peak_composition"] = monitor.peak_composition(dump)
     shutil.rmtree(dump, ignore_errors=True)
   return out
-
-
-# --- what is live at the peak ---------------------------------------------------------------------
-
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([\w\-]+)\(([^)]*)\)(.*)$")
-
-
-def peak_composition(dump_dir: pathlib.Path, top: int = 10) -> dict[str, Any] | None:
-  """Buffers live at the peak of the last train-step compile dumped in `dump_dir`, by producer.
-
-  Reads XLA's `*-live-range.txt` (the heap simulation's peak) and the optimized HLO: each live
-  buffer is named by the JAX op that produced it (its `op_name`, or the nearest operand's for
-  fusions XLA created without one) and put in a category: 'arguments' (state and batch),
-  'forward' (jvp: kept for the backward pass), 'backward' (transpose(jvp)), 'optimizer & other'.
-  Layer indices are folded ('layer_*'). Returns None if nothing was dumped.
-  """
-  ranges = sorted(pathlib.Path(dump_dir).glob("*train_step*-live-range.txt"))
-  if not ranges:
-    return None
-  live_range = ranges[-1].read_text()
-  hlo_path = pathlib.Path(str(ranges[-1]).replace("-live-range.txt", ".txt"))
-  instrs = {}
-  for line in hlo_path.read_text().splitlines():
-    m = _INSTR.match(line)
-    if m:
-      op = re.search(r'op_name="([^"]*)"', m.group(5))
-      instrs[m.group(1)] = (re.sub(r"\{[^}]*\}", "", m.group(2)), m.group(3), op and op.group(1),
-                            re.findall(r"%([\w.\-]+)", m.group(4)))
-  start = live_range.index("(peak):")
-  peak_lines = live_range[start:live_range.find("Stack trace", start)]
-
-  def producer(name: str) -> str | None:
-    frontier, seen = [name], set()
-    for _ in range(6):  # breadth-first through operands until a named op
-      nxt = []
-      for n in frontier:
-        if n in seen or n not in instrs:
-          continue
-        seen.add(n)
-        if instrs[n][2]:
-          return instrs[n][2]
-        nxt += instrs[n][3]
-      frontier = nxt
-    return None
-
-  groups: dict[str, dict[str, Any]] = {}
-  categories = collections.Counter()
-  for m in re.finditer(r"^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes", peak_lines, re.M):
-    name, index, nbytes = m.group(1), m.group(2), int(m.group(3))
-    shape, opcode, _, _ = instrs.get(name, ("?", None, None, []))
-    if shape.startswith("(") and index:
-      parts = shape[1:-1].split(", ")
-      shape = parts[int(index.split(",")[0])] if int(index.split(",")[0]) < len(parts) else shape
-    if opcode == "parameter":
-      category, what = "arguments", "state and batch"
-    else:
-      op = producer(name)
-      if op is None:
-        category, what = "optimizer & other", "(unnamed)"
-      else:
-        op = re.sub(r"^jit\([^)]*\)/", "", op).replace("\\'", "'")
-        op = re.sub(r"layer_\d+", "layer_*", op)
-        category = ("backward" if "transpose(jvp" in op else "forward" if "jvp(" in op
-                    else "optimizer & other")
-        what = op
-    categories[category] += nbytes
-    g = groups.setdefault(f"{category}|{what}|{shape}",
-                          {"category": category, "op": what, "shape": shape, "buffers": 0,
-                           "bytes": 0})
-    g["buffers"] += 1
-    g["bytes"] += nbytes
-  ranked = sorted(groups.values(), key=lambda g: -g["bytes"])
-  return {"live_bytes": sum(categories.values()), "by_category": dict(categories.most_common()),
-          "top": ranked[:top]}
 
 
 # --- the largest batch that fits ------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Watching a run: metrics.jsonl, TensorBoard events, a progress bar, memory and summary tables, a loss plot."""
+"""Watching a run: metrics.jsonl, TensorBoard events, a progress bar, memory and summary tables
+(with what is live at the peak, and the bytes all-gathered), a loss plot and FP8 heatmaps."""
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import re
@@ -97,7 +99,19 @@ def tree_bytes(tree) -> tuple[int, int]:
 
 
 def memory_breakdown(state, compiled) -> dict[str, int]:
-  """Bytes per device: parameters, optimizer state, model state, and the compiled step's temps."""
+  """Bytes per device of a compiled train step and its (donated) state.
+
+  params, optimizer, model_state: the per-device shards of the state. From XLA's buffer
+  assignment (where the backend gives one): step_arguments, step_outputs, step_temp,
+  step_aliased, and
+    grads       = the params' per-device bytes (a gradient has its parameter's shape, dtype
+                  and sharding; it lives in the temps),
+    activations = step_temp - grads (saved activations, transients, gathered weights,
+                  optimizer temporaries),
+    peak        = arguments + outputs + temp - aliased,
+    other       = peak - params - grads - optimizer - activations - model_state (the batch
+                  and the metrics).
+  """
   ma = compiled.memory_analysis()
   out = {
       "params": tree_bytes(state["params"])[1],
@@ -107,6 +121,12 @@ def memory_breakdown(state, compiled) -> dict[str, int]:
   if ma is not None:
     out.update(step_arguments=int(ma.argument_size_in_bytes), step_outputs=int(ma.output_size_in_bytes),
                step_temp=int(ma.temp_size_in_bytes), step_aliased=int(ma.alias_size_in_bytes))
+    out["grads"] = out["params"]
+    out["activations"] = out["step_temp"] - out["grads"]
+    out["peak"] = (out["step_arguments"] + out["step_outputs"] + out["step_temp"]
+                   - out["step_aliased"])
+    out["other"] = out["peak"] - sum(out[k] for k in ("params", "grads", "optimizer",
+                                                      "activations", "model_state"))
   return out
 
 
@@ -221,3 +241,76 @@ def all_gather_bytes(hlo_text: str) -> int:
   size = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
           "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
   return sum(size.get(t, 4) * int(np.prod(shape)) for t, shape in all_gathers(hlo_text))
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([\w\-]+)\(([^)]*)\)(.*)$")
+
+
+def peak_composition(dump_dir, top: int = 10) -> dict[str, Any] | None:
+  """Buffers live at the peak of the last train-step compile dumped in `dump_dir`, by producer.
+
+  For a compile made with XLA_FLAGS `--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*`
+  (`experiments/memory.py --explain` sets them). Reads XLA's `*-live-range.txt` (the heap
+  simulation's peak) and the optimized HLO: each live buffer is named by the JAX op that produced it (its `op_name`, or the nearest operand's for
+  fusions XLA created without one) and put in a category: 'arguments' (state and batch),
+  'forward' (jvp: kept for the backward pass), 'backward' (transpose(jvp)), 'optimizer & other'.
+  Layer indices are folded ('layer_*'). Returns None if nothing was dumped.
+  """
+  ranges = sorted(pathlib.Path(dump_dir).glob("*train_step*-live-range.txt"))
+  if not ranges:
+    return None
+  live_range = ranges[-1].read_text()
+  hlo_path = pathlib.Path(str(ranges[-1]).replace("-live-range.txt", ".txt"))
+  instrs = {}
+  for line in hlo_path.read_text().splitlines():
+    m = _INSTR.match(line)
+    if m:
+      op = re.search(r'op_name="([^"]*)"', m.group(5))
+      instrs[m.group(1)] = (re.sub(r"\{[^}]*\}", "", m.group(2)), m.group(3), op and op.group(1),
+                            re.findall(r"%([\w.\-]+)", m.group(4)))
+  start = live_range.index("(peak):")
+  peak_lines = live_range[start:live_range.find("Stack trace", start)]
+
+  def producer(name: str) -> str | None:
+    frontier, seen = [name], set()
+    for _ in range(6):  # breadth-first through operands until a named op
+      nxt = []
+      for n in frontier:
+        if n in seen or n not in instrs:
+          continue
+        seen.add(n)
+        if instrs[n][2]:
+          return instrs[n][2]
+        nxt += instrs[n][3]
+      frontier = nxt
+    return None
+
+  groups: dict[str, dict[str, Any]] = {}
+  categories = collections.Counter()
+  for m in re.finditer(r"^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes", peak_lines, re.M):
+    name, index, nbytes = m.group(1), m.group(2), int(m.group(3))
+    shape, opcode, _, _ = instrs.get(name, ("?", None, None, []))
+    if shape.startswith("(") and index:
+      parts = shape[1:-1].split(", ")
+      shape = parts[int(index.split(",")[0])] if int(index.split(",")[0]) < len(parts) else shape
+    if opcode == "parameter":
+      category, what = "arguments", "state and batch"
+    else:
+      op = producer(name)
+      if op is None:
+        category, what = "optimizer & other", "(unnamed)"
+      else:
+        op = re.sub(r"^jit\([^)]*\)/", "", op).replace("\\'", "'")
+        op = re.sub(r"layer_\d+", "layer_*", op)
+        category = ("backward" if "transpose(jvp" in op else "forward" if "jvp(" in op
+                    else "optimizer & other")
+        what = op
+    categories[category] += nbytes
+    g = groups.setdefault(f"{category}|{what}|{shape}",
+                          {"category": category, "op": what, "shape": shape, "buffers": 0,
+                           "bytes": 0})
+    g["buffers"] += 1
+    g["bytes"] += nbytes
+  ranked = sorted(groups.values(), key=lambda g: -g["bytes"])
+  return {"live_bytes": sum(categories.values()), "by_category": dict(categories.most_common()),
+          "top": ranked[:top]}
