@@ -54,6 +54,10 @@ def test_aot_prints_the_memory_breakdown(tmp_path):
   assert mem["params"] == 4 * (params - (8192 + 8192 + 2 * 8192) // 2)
   assert mem["optimizer"] >= 2 * mem["params"]  # AdamW's two float32 moments, plus counts
   assert mem["step_temp"] > 0
+  assert mem["grads"] == mem["params"] and mem["activations"] == mem["step_temp"] - mem["grads"]
+  assert mem["peak"] == (mem["step_arguments"] + mem["step_outputs"] + mem["step_temp"]
+                         - mem["step_aliased"])
+  assert 0 <= mem["other"] < 2**20  # the batch and the metrics
   assert not (tmp_path / "checkpoints").exists()
 
 
