@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import pathlib
 import shutil
 from typing import Any
 
 import harness as H
+import numpy as np
 
 NAME = "ghost_bn"
 TITLE = "6. Ghost BatchNorm at a large global batch (CNN, digits, 8 devices)"
@@ -20,12 +23,13 @@ VARIANTS = ("global", "local", "ghost")
 DEVICES = 8
 
 
-def train_one(variant: str, seed: int, lr: float, s: dict[str, Any],
-              workdir: pathlib.Path) -> dict[str, Any]:
+def train_one(lr: float, seed: int, variant: str, s: dict[str, Any],
+              runs_dir: pathlib.Path) -> dict[str, Any]:
   """Trains one run with mpxla.train.Trainer (fresh workdir) -> its record."""
   from mpxla.train import monitor  # pylint: disable=import-outside-toplevel
   from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
+  workdir = runs_dir / f"{variant}_lr{lr:.1e}_s{seed}"
   shutil.rmtree(workdir, ignore_errors=True)
   config = H.trainer_config(f"{CONFIG}:{variant}", H.schedule(s["steps"], warmup_cap=None), {
       "seed": seed, "eval_every": s["eval_every"], "log_every": s["eval_every"],
@@ -37,31 +41,26 @@ def train_one(variant: str, seed: int, lr: float, s: dict[str, Any],
   end = H.clock()
   return {"variant": variant, "seed": seed, "lr": float(lr),
           "bn_scope": config.model.bn_scope, "ghost_batch_size": config.model.ghost_batch_size,
-          "val": [(r["step"], r["val_accuracy"], r["val_loss"]) for r in records if "val_loss" in r],
+          "val": [(r["step"], r["val_accuracy"], r["val_loss"])
+                  for r in records if "val_loss" in r],
           "train": [(r["step"], r["loss"], r["accuracy"]) for r in records if "loss" in r],
-          "final_val_accuracy": summary["final_val_accuracy"],
-          "final_val_loss": summary["final_val_loss"],
-          "final_train_loss": summary["final_train_loss"],
+          **{k: summary[k] for k in ("final_val_accuracy", "final_val_loss", "final_train_loss")},
           "wall_s": round(end[0] - start[0], 1), "cpu_s": round(end[1] - start[1], 1)}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per (lr, variant): final val accuracy / loss and train loss over seeds."""
+  """One row per (lr, variant): final and halfway validation and final train loss over seeds."""
   rows = []
-  for lr in sorted({r["lr"] for r in runs}):
-    for v in VARIANTS:
-      sel = [r for r in runs if r["lr"] == lr and r["variant"] == v]
-      if not sel:
-        continue
+  for lr, v in itertools.product(sorted({r["lr"] for r in runs}), VARIANTS):
+    sel = [r for r in runs if r["lr"] == lr and r["variant"] == v]
+    if sel:
       mid = len(sel[0]["val"]) // 2 - 1  # the evaluation halfway through
-      rows.append({
-          "lr": lr, "variant": v, "seeds": [r["seed"] for r in sel],
-          "val_accuracy": H.stats([r["final_val_accuracy"] for r in sel]),
-          "val_loss": H.stats([r["final_val_loss"] for r in sel]),
-          "train_loss": H.stats([r["final_train_loss"] for r in sel]),
-          "mid_step": sel[0]["val"][mid][0],
-          "mid_val_accuracy": H.stats([r["val"][mid][1] for r in sel]),
-          "mid_val_loss": H.stats([r["val"][mid][2] for r in sel])})
+      final = {k: H.stats([r[f"final_{k}"] for r in sel])
+               for k in ("val_accuracy", "val_loss", "train_loss")}
+      rows.append({"lr": lr, "variant": v, "seeds": [r["seed"] for r in sel], **final,
+                   "mid_step": sel[0]["val"][mid][0],
+                   "mid_val_accuracy": H.stats([r["val"][mid][1] for r in sel]),
+                   "mid_val_loss": H.stats([r["val"][mid][2] for r in sel])})
   return rows
 
 
@@ -72,10 +71,10 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
   out_dir, s, start = H.begin(NAME, quick, out_dir, DEVICES, steps=steps, seeds=seeds)
   from mpxla.data.digits import Digits  # pylint: disable=import-outside-toplevel
 
-  runs = H.sweep(lambda lr, seed, v: train_one(v, seed, lr, s, out_dir / "runs" / f"{v}_lr{lr:.1e}_s{seed}"),
-                 NAME, lambda r: f"lr {r['lr']:.2e} {r['variant']:6s} seed {r['seed']}: val acc "
-                 f"{r['final_val_accuracy']:.4f} loss {r['final_val_loss']:.4f} ({r['cpu_s']} CPU s)",
-                 lr=s["lrs"], seed=s["seeds"], v=variants)
+  runs = H.sweep(functools.partial(train_one, s=s, runs_dir=out_dir / "runs"), NAME,
+                 lambda r: f"lr {r['lr']:.2e} {r['variant']:6s} seed {r['seed']}: val acc "
+                 f"{r['final_val_accuracy']:.4f} loss {r['final_val_loss']:.4f} "
+                 f"({r['cpu_s']} CPU s)", lr=s["lrs"], seed=s["seeds"], variant=variants)
   ghost = [r["ghost_batch_size"] for r in runs if r["variant"] == "ghost"]
   return H.save(out_dir, {
       "name": NAME, "quick": quick, "config": CONFIG, "variants": list(variants), "settings": s,
@@ -94,65 +93,65 @@ _COLORS = {"global": "black", "local": "tab:blue", "ghost": "tab:red"}
 def plot(res: dict[str, Any], path: pathlib.Path) -> None:
   """Per lr: validation accuracy and loss per variant (mean over seeds, band min..max), and the
   validation loss of each variant minus `global`, paired by seed."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   lrs = sorted({r["lr"] for r in res["runs"]})
   fig, axes = H.pyplot().subplots(len(lrs), 3, figsize=(13.5, 3.3 * len(lrs)), squeeze=False)
-  for i, lr in enumerate(lrs):
-    base = {r["seed"]: r for r in res["runs"] if r["lr"] == lr and r["variant"] == "global"}
+  for ax, lr in zip(axes, lrs, strict=True):
+    base = {r["seed"]: r["val"] for r in res["runs"] if r["lr"] == lr and r["variant"] == "global"}
     for v in res["variants"]:
       sel = [r for r in res["runs"] if r["lr"] == lr and r["variant"] == v]
       if not sel:
         continue
       steps = np.array([x[0] for x in sel[0]["val"]])
-      for j, col in enumerate((1, 2)):
-        H.band(axes[i, j], steps, [[x[col] for x in r["val"]] for r in sel], _COLORS[v],
+      for j in (0, 1):  # accuracy, loss
+        H.band(ax[j], steps, [[x[j + 1] for x in r["val"]] for r in sel], _COLORS[v],
                f"{v} ({len(sel)} seeds)")
-      sel = [r for r in sel if r["seed"] in base]
-      if v != "global" and sel:
-        H.band(axes[i, 2], steps, [[x[2] - b[2] for x, b in zip(r["val"], base[r["seed"]]["val"],
-                                                                 strict=True)] for r in sel],
-               _COLORS[v], f"{v} - global")
-    axes[i, 2].axhline(0.0, color="black", lw=0.8)
-    H.style(axes[i, 2], "step", "validation loss difference", f"lr {lr:.2g}: paired by seed (band min..max)")
-    axes[i, 0].set_ylim(0.8, 1.0)
-    axes[i, 1].set_yscale("log")
+      paired = [[x[2] - b[2] for x, b in zip(r["val"], base[r["seed"]], strict=True)]
+                for r in sel if r["seed"] in base]
+      if v != "global" and paired:
+        H.band(ax[2], steps, paired, _COLORS[v], f"{v} - global")
+    ax[2].axhline(0.0, color="black", lw=0.8)
+    H.style(ax[2], "step", "validation loss difference",
+            f"lr {lr:.2g}: paired by seed (band min..max)")
+    ax[0].set_ylim(0.8, 1.0)
+    ax[1].set_yscale("log")
     for j, label in enumerate(("validation accuracy", "validation loss")):
-      H.style(axes[i, j], "step", label, f"lr {lr:.2g}, global batch {res['settings']['batch']}")
+      H.style(ax[j], "step", label, f"lr {lr:.2g}, global batch {res['settings']['batch']}")
   H.save_figure(fig, path, dpi=75)
 
 
 def render(out_dir: pathlib.Path) -> str:
+  """The section's markdown (and its plot) from out_dir/results.json."""
   out_dir, res = H.load(out_dir)
-  s = res["settings"]
+  s, n_dev, n_train, n_val = res["settings"], res["per_device_batch"], res["n_train"], res["n_val"]
   plot(res, out_dir / "ghost_bn_val.png")
-  lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, {res['wall_time_s'] / 60:.1f} "
-                          f"min wall on {res['cpu_count']} shared CPU cores") + [
+  lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, "
+                          f"{res['wall_time_s'] / 60:.1f} min wall on {res['cpu_count']} shared "
+                          "CPU cores") + [
       f"`mpxla.train.Trainer` on `{res['config']}:VARIANT`, 8 simulated CPU devices (mesh "
-      f"data={res['devices']}), global batch {s['batch']} ({res['per_device_batch']} per device; "
-      f"the training set has {res['n_train']} images, so one step sees "
-      f"{s['batch'] / res['n_train']:.0%} of it), {s['steps']} steps, warmup {max(1, s['steps'] // 10)}"
-      f" + cosine, {len(s['seeds'])} seed(s). BatchNorm statistics: `global` over all {s['batch']} "
-      f"images, `local` over each device's {res['per_device_batch']}, `ghost` over groups of "
-      f"{res['ghost_batch_size']}. Validation: the {res['n_val']} held-out images (one exact pass, "
-      f"running averages), so one image is {1 / res['n_val']:.4f} of accuracy.", "",
+      f"data={res['devices']}), global batch {s['batch']} ({n_dev} per device; the training set "
+      f"has {n_train} images, so one step sees {s['batch'] / n_train:.0%} of it), {s['steps']} "
+      f"steps, warmup {max(1, s['steps'] // 10)} + cosine, {len(s['seeds'])} seed(s). BatchNorm "
+      f"statistics: `global` over all {s['batch']} images, `local` over each device's {n_dev}, "
+      f"`ghost` over groups of {res['ghost_batch_size']}. Validation: the {n_val} held-out images "
+      f"(one exact pass, running averages), so one image is {1 / n_val:.4f} of accuracy.", "",
       "![validation accuracy and loss](ghost_bn_val.png)", "",
-      "Final (step {}) and halfway (step {}) validation; mean ± std over seeds (ddof=1), "
-      "(min .. max):".format(s["steps"], res["table"][0]["mid_step"] if res["table"] else "-"), ""]
+      f"Final (step {s['steps']}) and halfway (step "
+      f"{res['table'][0]['mid_step'] if res['table'] else '-'}) validation; mean ± std over seeds "
+      "(ddof=1), (min .. max):", ""]
+  cols = ("val_accuracy", "val_loss", "mid_val_accuracy", "mid_val_loss", "train_loss")
   lines += H.table(["lr", "BN statistics", "val accuracy", "val loss", "halfway val accuracy",
                     "halfway val loss", "final train loss"],
-                   [[f"{row['lr']:.2g}", f"`{row['variant']}`"] + [H.pm(row[k], spread=True) for k in (
-                       "val_accuracy", "val_loss", "mid_val_accuracy", "mid_val_loss", "train_loss")]
-                    for row in res["table"]])
-  rows = []
-  for lr in sorted({r["lr"] for r in res["runs"]}):
-    for seed in s["seeds"]:
-      by = {x["variant"]: x for x in res["runs"] if x["lr"] == lr and x["seed"] == seed}
-      rows.append([f"{lr:.2g}", seed] + [f"{by[v]['final_val_accuracy']:.4f} / "
-                                         f"{by[v]['final_val_loss']:.4f}" if v in by else "-"
-                                         for v in res["variants"]])
-  lines += ["", "Per seed (final val accuracy / loss):", ""]
-  lines += H.table(["lr", "seed"] + [f"`{v}`" for v in res["variants"]], rows)
+                   [[f"{row['lr']:.2g}", f"`{row['variant']}`"]
+                    + [H.pm(row[k], spread=True) for k in cols] for row in res["table"]])
+
+  def final(r):
+    return f"{r['final_val_accuracy']:.4f} / {r['final_val_loss']:.4f}" if r else "-"
+
+  by = {(x["lr"], x["seed"], x["variant"]): x for x in res["runs"]}
+  lines += ["", "Per seed (final val accuracy / loss):", ""] + H.table(
+      ["lr", "seed"] + [f"`{v}`" for v in res["variants"]],
+      [[f"{lr:.2g}", seed] + [final(by.get((lr, seed, v))) for v in res["variants"]]
+       for lr in sorted({r["lr"] for r in res["runs"]}) for seed in s["seeds"]])
   return "\n".join(lines + ["", H.prose(NAME, "reading", res["quick"])]) + "\n"
 
 

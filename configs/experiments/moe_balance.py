@@ -1,7 +1,7 @@
 """Global vs micro-batch load balancing: a small MoE GPT (configs/gpt_tiny.py) on 8 CPU devices.
 
 Command:  python experiments/moe_balance.py                  (get_config("full"): both LBL scopes,
-          3 seeds, 400 steps; about 10 CPU-min, 40 min wall; --reuse re-analyses finished runs)
+          3 seeds, 400 steps; about 10 CPU-min, 40 min wall)
           python experiments/moe_balance.py --quick --out DIR (get_config("quick"): one tiny MoE
           layer, 3 steps)
 Expected (docs/results.md section 4): global-batch balancing gives a higher I(expert; domain) in
