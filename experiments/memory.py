@@ -268,11 +268,13 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   st = H.settings(NAME, quick)
   sizes, batch, budget = st["sizes"], st["batch"], st["budget"]
   old = H.load(out_dir)[1] if add and (out_dir / "results.json").exists() else {}
-  kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])}
+  # --add re-measures the rows (and single-device rows) from before the all-gather column
+  kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])
+          if "all_gather_bytes" in r}
   kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
 
-  def table_row(size, recipe):  # --add re-measures rows from before the all-gather column
-    if "all_gather_bytes" in kept.get((size, recipe), {}):
+  def table_row(size, recipe):
+    if (size, recipe) in kept:
       return kept[size, recipe]
     row = measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True)
     row["size"] = size

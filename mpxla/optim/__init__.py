@@ -7,7 +7,8 @@
   the compressed form and back.
 - `expansion`: the per-group codec (pure functions).
 - `apply_updates_stochastic(params, updates, step)` and `upcast_arithmetic(inner)`: training
-  bf16 parameters without float32 master weights (stochastic rounding of p + u).
+  bf16 parameters without float32 master weights (stochastic rounding of p + u);
+  `clip_by_global_norm`: Optax's clipping without a stored clipped copy of the gradients.
 """
 
 from mpxla.optim import expansion
@@ -24,7 +25,7 @@ from mpxla.optim.compress import (
     nbytes,
 )
 from mpxla.optim.recipes import adamw_fp8
-from mpxla.optim.updates import apply_updates_stochastic, upcast_arithmetic
+from mpxla.optim.updates import apply_updates_stochastic, clip_by_global_norm, upcast_arithmetic
 
 __all__ = [
     "EXACT_FIELDS",
@@ -34,6 +35,7 @@ __all__ = [
     "adamw_fp8",
     "apply_updates_stochastic",
     "classify",
+    "clip_by_global_norm",
     "compress",
     "compress_states",
     "decompress",
