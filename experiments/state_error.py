@@ -7,50 +7,32 @@ Settings and method: configs/experiments/state_error.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
+import tempfile
 from typing import Any
 
 import harness as H
+import numpy as np
 
 NAME = "state_error"
 TITLE = "3. Optimizer-state quantization error (COAT Table 1, from real AdamW states)"
-
-ROOT = H.ROOT
 _S = H.settings(NAME, quick=False)
 FORMATS = tuple(_S["formats"])
+GROUP_SIZE, EPS = _S["group_size"], _S["eps"]
 LABEL = {"e4m3": "E4M3", "e5m2": "E5M2", "hif8": "HiF8",
          "hif8_s15": "HiF8, amax->15", "hif8_q15": "HiF8, amax->15, flush (mpxla.quant)"}
-# No-expansion HiF8 variants scaled to HIF8.scale_target = 15 instead of the codec's 2^15.
-HIF8_SCALED = ("hif8_s15", "hif8_q15")
-# (expand m, expand v) of each column of the table.
+HIF8_SCALED = ("hif8_s15", "hif8_q15")  # no-expansion HiF8 scaled to amax -> 15, not 2^15
 EXPANSIONS = {"none": (False, False), "m only": (True, False), "v only": (False, True),
-              "both": (True, True)}
-GROUP_SIZE, EPS = _S["group_size"], _S["eps"]
+              "both": (True, True)}  # table column -> (expand m, expand v)
 K_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-# --- inputs --------------------------------------------------------------------------------
-
-
-def load_moments(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
-  """({param path: m}, {param path: v}) from a parity moments npz (keys 'mu/...' and 'nu/...')."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  with np.load(path) as z:
-    mu = {k[3:]: z[k] for k in z.files if k.startswith("mu/")}
-    nu = {k[3:]: z[k] for k in z.files if k.startswith("nu/")}
-  if not mu or set(mu) != set(nu):
-    raise ValueError(f"{path}: expected matching 'mu/<path>' and 'nu/<path>' arrays.")
-  return mu, nu
-
-
-def train_tiny(steps: int = _S["train_steps"], seed: int = 0) -> tuple[dict, dict, dict]:
+def train_tiny(steps: int = _S["train_steps"], seed: int = 0) -> tuple[dict, dict]:
   """Trains a miniature default GPT (bf16: AdamW) `steps` steps with mpxla's Trainer in a
-  temporary workdir -> (m, v, info) of its last checkpoint."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-
+  temporary workdir -> (parity.moments of its last checkpoint, info)."""
   import parity  # pylint: disable=import-outside-toplevel
 
   from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
@@ -61,158 +43,98 @@ def train_tiny(steps: int = _S["train_steps"], seed: int = 0) -> tuple[dict, dic
   with tempfile.TemporaryDirectory(prefix="mpxla_state_error_") as wd:
     Trainer(c, wd).run()
     arrays = parity.moments(H.restore(wd)[2])
-  mu, nu = ({k[3:]: a for k, a in arrays.items() if k.startswith(f)} for f in ("mu/", "nu/"))
-  return mu, nu, {"source": f"tiny GPT trained here ({steps} steps, {tiny})", "step": steps}
-
-
-# --- the codec -----------------------------------------------------------------------------
+  return arrays, {"source": f"tiny GPT trained here ({steps} steps, {tiny})", "step": steps}
 
 
 @functools.cache
 def _codec(fmt: str, expansion: bool):
-  """jit(tree -> (decompress(compress(tree)), compress(tree))), cached per setting."""
+  """jit(tree -> (decompress(compress(tree)), compress(tree))), cached per setting; for
+  HIF8_SCALED (no compressed state: None) each leaf through per-group HiF8 with amax -> 15."""
   import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from mpxla import optim  # pylint: disable=import-outside-toplevel
+  from mpxla import formats, optim, quant  # pylint: disable=import-outside-toplevel
+  from mpxla.optim import expansion as ex  # pylint: disable=import-outside-toplevel
+
+  hif8_15 = dataclasses.replace(formats.HIF8, max=formats.HIF8.scale_target)
+
+  def scaled(x):  # x: (rows, n)
+    (r, n), g = x.shape, min(GROUP_SIZE, x.shape[-1])
+    if fmt == "hif8_q15":  # mpxla.quant's scaling
+      return quant.dequantize(quant.quantize(x, "hif8", quant.PerGroup(g, axis=-1)), x.dtype)
+    # The codec without expansion (nonzero never decodes to 0), HiF8's max replaced by 15.
+    xg = jnp.pad(x, [(0, 0), (0, -n % g)]).reshape(r, -1, g)
+    return ex.fake_quantize(xg, hif8_15, expansion=False).reshape(r, -1)[:, :n].astype(x.dtype)
 
   def f(tree):
+    if fmt in HIF8_SCALED:
+      return jax.tree.map(scaled, tree), None
     c = optim.compress(tree, fmt=fmt, expansion=expansion, group_size=GROUP_SIZE, min_size=0)
     return optim.decompress(c), c
 
   return jax.jit(f)
 
 
-@functools.cache
-def _quant_hif8():
-  """jit(tree -> per-group HiF8 fake-quantized tree), mpxla.quant's scaling (amax -> 15)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mpxla import quant  # pylint: disable=import-outside-toplevel
-
-  def one(x):
-    g = quant.PerGroup(min(GROUP_SIZE, x.shape[-1]), axis=-1)
-    return quant.dequantize(quant.quantize(x, "hif8", g), x.dtype)
-
-  return jax.jit(lambda tree: jax.tree.map(one, tree))
-
-
-@functools.cache
-def _scaled_hif8():
-  """jit(tree -> tree through per-group HiF8 with amax -> 15): the codec without expansion
-  (nonzero values never decode to 0), with HiF8's max replaced by HIF8.scale_target = 15."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from mpxla import formats  # pylint: disable=import-outside-toplevel
-  from mpxla.optim import expansion  # pylint: disable=import-outside-toplevel
-
-  fmt = dataclasses.replace(formats.HIF8, max=formats.HIF8.scale_target)
-
-  def one(x):
-    g = min(GROUP_SIZE, x.shape[-1])
-    n_pad = -(-x.shape[-1] // g) * g
-    xg = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - x.shape[-1])])
-    y = expansion.fake_quantize(xg.reshape(*x.shape[:-1], n_pad // g, g), fmt, expansion=False)
-    return y.reshape(*x.shape[:-1], n_pad)[..., : x.shape[-1]].astype(x.dtype)
-
-  return jax.jit(lambda tree: jax.tree.map(one, tree))
-
-
-def pack(tree: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, tuple, int, int]]]:
-  """Rows of equal last-axis length from all leaves stacked into one 2-D array per length.
-
-  The codec groups along the last axis only (groups never cross rows), so packing gives the same
-  groups, codes and decoded values as compressing each leaf, with far fewer leaves to compile.
-  Returns ({str(n): (rows, n) array}, layout) for `unpack`.
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  rows: dict[str, list] = {}
-  layout = []
-  for k in sorted(tree):
-    x = np.asarray(tree[k])
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-    n = str(x2.shape[1])
-    start = sum(r.shape[0] for r in rows.get(n, []))
-    rows.setdefault(n, []).append(x2)
-    layout.append((k, x.shape, start, start + x2.shape[0]))
-  return {n: np.concatenate(r) for n, r in rows.items()}, layout
-
-
-def unpack(packed: dict[str, Any], layout, rows_only: bool = False) -> dict[str, Any]:
-  """The inverse of `pack` (rows_only: each leaf's rows of `packed`, not reshaped)."""
-  out = {}
-  for k, shape, a, b in layout:
-    rows = packed[str(shape[-1]) if shape else "1"][a:b]
-    out[k] = rows if rows_only else rows.reshape(shape)
-  return out
-
-
 def roundtrip(tree: dict[str, Any], fmt: str, expansion: bool):
-  """(decoded tree, k16 tree or None, amax tree) of `tree` through mpxla.optim compress/decompress.
+  """(decoded tree, k16 tree or None, amax tree) of `tree` through mpxla.optim compress/decompress;
+  k16 and amax hold each leaf's groups as (rows, groups per row).
 
-  k16 and amax hold each leaf's groups as (rows, groups per row). For comparison, two
-  no-expansion HiF8 variants scale each group's amax to HIF8.scale_target = 15 (the top of
-  HiF8's 3-mantissa-bit band) instead of to HiF8's max 2^15: 'hif8_s15' keeps the codec's
-  policies (nonzero stays nonzero), 'hif8_q15' is mpxla.quant's per-group quantize/dequantize
-  (tiny values flush to zero).
+  HIF8_SCALED scale each group's amax to HIF8.scale_target = 15 (the top of HiF8's 3-mantissa-bit
+  band), not to HiF8's max 2^15: 'hif8_s15' keeps the codec's policies (nonzero stays nonzero),
+  'hif8_q15' is mpxla.quant's per-group quantize/dequantize (tiny values flush to zero); no k16,
+  amax. The rows of all leaves of one last-axis length are compressed as one 2-D array: groups
+  never cross rows, so the codes are those of each leaf's own, with far fewer leaves to compile.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   from mpxla import optim  # pylint: disable=import-outside-toplevel
 
-  packed, layout = pack(tree)
-  if fmt in HIF8_SCALED:
-    if expansion:
-      raise ValueError(f"fmt={fmt!r} is a no-expansion comparison only.")
-    decoded = (_scaled_hif8() if fmt == "hif8_s15" else _quant_hif8())(packed)
-    return unpack({n: np.asarray(x, np.float64) for n, x in decoded.items()}, layout), None, None
-  decoded, comp = _codec(fmt, bool(expansion))(packed)
+  if fmt in HIF8_SCALED and expansion:
+    raise ValueError(f"fmt={fmt!r} is a no-expansion comparison only.")
+  rows = {k: np.asarray(x).reshape(-1, (np.shape(x) or (1,))[-1]) for k, x in tree.items()}
+  by_n: dict[str, list] = {}
+  for k in sorted(tree):
+    by_n.setdefault(str(rows[k].shape[1]), []).append(k)
+  decoded, comp = _codec(fmt, bool(expansion))(
+      {n: np.concatenate([rows[k] for k in ks]) for n, ks in by_n.items()})
+
+  def unpack(arrays, dtype=None, reshape=True):  # packed rows -> {leaf: its rows or array}
+    out = {}
+    for n, ks in by_n.items():
+      parts = np.split(np.asarray(arrays[n], dtype), np.cumsum([len(rows[k]) for k in ks])[:-1])
+      out.update({k: p.reshape(np.shape(tree[k])) if reshape else p
+                  for k, p in zip(ks, parts, strict=True)})
+    return out
+
+  if comp is None:
+    return unpack(decoded, np.float64), None, None
   not_compressed = [n for n, c in comp.items() if not optim.is_compressed(c)]
   if not_compressed:
     raise ValueError(f"rows of length {not_compressed} were left uncompressed by the codec")
-  decoded = unpack({n: np.asarray(x, np.float64) for n, x in decoded.items()}, layout)
-  def meta(field):
-    return unpack({n: np.asarray(getattr(c, field)) for n, c in comp.items()}, layout,
-                  rows_only=True)
-
-  return decoded, (meta("k16") if expansion else None), meta("amax")
+  meta = lambda f: unpack({n: getattr(c, f) for n, c in comp.items()}, reshape=False)  # noqa: E731
+  return unpack(decoded, np.float64), (meta("k16") if expansion else None), meta("amax")
 
 
 def _flat(tree: dict[str, Any]):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   return np.concatenate([np.asarray(tree[k], np.float64).ravel() for k in sorted(tree)])
 
 
 def update_direction(m, v, eps: float = EPS):
   """u = m / (sqrt(v) + eps) in float64."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   return np.asarray(m, np.float64) / (np.sqrt(np.asarray(v, np.float64)) + eps)
 
 
 def error_table(mu: dict[str, Any], nu: dict[str, Any], eps: float = EPS,
                 formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
   """Every (fmt_m, fmt_v, expansion column) cell, per-moment errors and k distributions."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   m, v = _flat(mu), _flat(nu)
   u = update_direction(m, v, eps)
   mean_u2 = float(np.mean(u * u))
-  dq = {}  # (moment, fmt, expansion) -> flat decoded values
-  k_stats, k_hist, k_by_leaf = {}, {}, {}
-  per_moment = []
+  dq, per_moment, k_stats, k_hist, k_by_leaf = {}, [], {}, {}, {}  # dq: (moment, fmt, exp) -> x
   variants = [(f, e) for f in formats for e in (False, True)]
-  if "hif8" in formats:
-    variants += [(f, False) for f in HIF8_SCALED]
+  variants += [(f, False) for f in HIF8_SCALED if "hif8" in formats]
   for fmt, exp in variants:
     for name, tree, ref in (("m", mu, m), ("v", nu, v)):
       decoded, k16, amax = roundtrip(tree, fmt, exp)
-      x = _flat(decoded)
-      dq[name, fmt, exp] = x
+      x = dq[name, fmt, exp] = _flat(decoded)
       nz = ref != 0
       per_moment.append({
           "moment": name, "fmt": fmt, "expansion": exp,
@@ -222,9 +144,9 @@ def error_table(mu: dict[str, Any], nu: dict[str, Any], eps: float = EPS,
       if exp:
         k16_all = np.concatenate([k16[k].ravel() for k in sorted(k16)])
         used = np.concatenate([amax[k].ravel() for k in sorted(amax)]) > 0
-        k_by_leaf.setdefault(name, {}).setdefault(fmt, {
+        k_by_leaf.setdefault(name, {})[fmt] = {
             leaf: float(np.median(k16[leaf][amax[leaf] > 0]) / 16.0) if np.any(amax[leaf] > 0)
-            else None for leaf in sorted(k16)})
+            else None for leaf in sorted(k16)}
         k = k16_all[used].astype(np.float64) / 16.0
         k_stats[f"{name}/{fmt}"] = {
             "groups": int(k16_all.size), "zero_groups": int((~used).sum()),
@@ -233,35 +155,25 @@ def error_table(mu: dict[str, Any], nu: dict[str, Any], eps: float = EPS,
         k_hist[f"{name}/{fmt}"] = np.bincount(k16_all[used], minlength=256).tolist()
 
   def mse(var_m, var_v):
-    uq = update_direction(dq[("m", *var_m)], dq[("v", *var_v)], eps)
-    e = float(np.mean((uq - u) ** 2))
+    e = float(np.mean((update_direction(dq[("m", *var_m)], dq[("v", *var_v)], eps) - u) ** 2))
     return {"mse": e, "nmse": e / mean_u2}
 
   cells = [{"fmt_m": fm, "fmt_v": fv, "expansion": col, **mse((fm, em), (fv, ev))}
            for fm in formats for fv in formats for col, (em, ev) in EXPANSIONS.items()]
   # HiF8 without expansion, scaled as mpxla.quant does (amax -> 15) instead of to 2^15.
-  extra = []
-  if "hif8" in formats and "e4m3" in formats:
-    for var_m, var_v in ((("hif8_s15", False), ("hif8_s15", False)),
-                         (("hif8_q15", False), ("hif8_q15", False)),
-                         (("e4m3", True), ("hif8_s15", False)),
-                         (("hif8_s15", False), ("e4m3", True)),
-                         (("e4m3", False), ("hif8_s15", False))):
-      extra.append({"m": list(var_m), "v": list(var_v), **mse(var_m, var_v)})
+  s15, q15, e4m3 = ("hif8_s15", False), ("hif8_q15", False), ("e4m3", False)
+  extra = [{"m": list(a), "v": list(b), **mse(a, b)} for a, b in (
+      (s15, s15), (q15, q15), (("e4m3", True), s15), (s15, ("e4m3", True)), (e4m3, s15))
+           ] if {"hif8", "e4m3"} <= set(formats) else []
   return {"elements": int(m.size), "leaves": len(mu), "mean_u2": mean_u2, "eps": eps,
           "cells": cells, "extra_cells": extra, "per_moment": per_moment, "k": k_stats,
           "k_hist": k_hist, "k_median_by_leaf": k_by_leaf}
 
 
 def cell(res: dict[str, Any], fmt_m: str, fmt_v: str, expansion: str) -> dict[str, float]:
-  """The table cell for (fmt_m, fmt_v, expansion column)."""
-  for c in res["cells"]:
-    if (c["fmt_m"], c["fmt_v"], c["expansion"]) == (fmt_m, fmt_v, expansion):
-      return c
-  raise KeyError((fmt_m, fmt_v, expansion))
-
-
-# --- the experiment ------------------------------------------------------------------------
+  """The table cell for (fmt_m, fmt_v, expansion column); KeyError if there is none."""
+  cells = {(c["fmt_m"], c["fmt_v"], c["expansion"]): c for c in res["cells"]}
+  return cells[fmt_m, fmt_v, expansion]
 
 
 def run(out_dir: pathlib.Path, quick: bool = False, *, parity: pathlib.Path | None = None,
@@ -269,39 +181,36 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, parity: pathlib.Path | No
   """The error table of the parity run's bf16 seed-0 moments (quick, or if they are missing: of
   a tiny GPT trained here) -> out_dir/results.json."""
   parity = pathlib.Path(parity or H.RESULTS / "parity")
-  npz = parity / "runs" / "moments_bf16_s0.npz"
+  npz, summary = parity / "runs" / "moments_bf16_s0.npz", parity / "runs/bf16_s0/summary.json"
   start = H.clock()
   if not quick and npz.exists():
-    mu, nu = load_moments(npz)
+    with np.load(npz) as z:
+      arrays = dict(z)
     info = {"source": H.show(npz)}
-    summary = parity / "runs" / "bf16_s0" / "summary.json"
     if summary.exists():
       info["step"] = json.loads(summary.read_text())["steps"]
   else:
     if not quick:
       print(f"[state_error] {npz} not found: training a tiny model here instead", flush=True)
-    mu, nu, info = train_tiny()
+    arrays, info = train_tiny()
+  mu, nu = ({k[3:]: a for k, a in arrays.items() if k.startswith(f)} for f in ("mu/", "nu/"))
+  if not mu or set(mu) != set(nu):
+    raise ValueError(f"{info['source']}: expected matching 'mu/<path>' and 'nu/<path>' arrays.")
   res = error_table(mu, nu)
   res.update({"name": NAME, "quick": quick, "input": info, "group_size": GROUP_SIZE})
   return H.save(out_dir, {**res, **H.metadata(start, command or (
       f"python experiments/state_error.py --out {out_dir}" + (" --quick" if quick else "")))})
 
 
-# --- rendering -----------------------------------------------------------------------------
-
-
 def plot_k(res: dict[str, Any], path: pathlib.Path) -> None:
   """Histograms of the expansion exponent k over the groups of m and of v (E4M3 and HiF8)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   fig, axes = H.pyplot().subplots(1, 2, figsize=(10, 3.6))
-  grid = np.arange(256) / 16.0
   for ax, name, title in zip(axes, ("m", "v"), ("first moment m", "second moment v"), strict=True):
     for fmt, color in (("e4m3", "tab:red"), ("hif8", "tab:green"), ("e5m2", "tab:blue")):
       if f"{name}/{fmt}" in res["k_hist"]:
         counts = np.asarray(res["k_hist"][f"{name}/{fmt}"], np.float64)
         med = res["k"][f"{name}/{fmt}"]["quantiles"]["0.5"]
-        ax.step(grid, counts / counts.sum(), where="mid", color=color,
+        ax.step(np.arange(256) / 16.0, counts / counts.sum(), where="mid", color=color,
                 label=f"{LABEL[fmt]} (median {med:.2f})")
     ax.set_xlim(0, 16)
     H.style(ax, "k (expansion exponent, 1/16 grid)", "fraction of groups",
@@ -322,23 +231,20 @@ def render(out_dir: pathlib.Path) -> str:
       "against u from the float32 moments (in float64). **Normalized** = MSE / mean(u^2) "
       f"(mean(u^2) = {res['mean_u2']:.4g}); absolute MSE in the second table. Columns: which "
       "moments use dynamic range expansion.", ""]
-  cols = list(EXPANSIONS)
   fmts = sorted({c["fmt_m"] for c in res["cells"]}, key=FORMATS.index)
-  for key, title in (("nmse", "Normalized MSE of m/(sqrt(v)+eps)"),
-                     ("mse", "Absolute MSE of m/(sqrt(v)+eps)")):
-    rows = []
-    for fm, fv in ((fm, fv) for fm in fmts for fv in fmts):
-      vals = [cell(res, fm, fv, c)[key] for c in cols]
-      rows.append([LABEL[fm], LABEL[fv]] + [f"**{x:.4g}**" if x == min(vals) else f"{x:.4g}"
-                                            for x in vals])
-    lines += [f"**{title}**", ""] + H.table(
-        ["m format", "v format"] + [f"expansion: {c}" for c in cols], rows) + [""]
+  bold = lambda x, xs: f"**{x:.4g}**" if x == min(xs) else f"{x:.4g}"  # noqa: E731
+  for key, title in (("nmse", "Normalized MSE"), ("mse", "Absolute MSE")):
+    vals = {(fm, fv): [cell(res, fm, fv, c)[key] for c in EXPANSIONS] for fm in fmts for fv in fmts}
+    lines += [f"**{title} of m/(sqrt(v)+eps)**", ""] + H.table(
+        ["m format", "v format"] + [f"expansion: {c}" for c in EXPANSIONS],
+        [[LABEL[fm], LABEL[fv], *(bold(x, xs) for x in xs)] for (fm, fv), xs in vals.items()])
+    lines += [""]
   lines += ["**Each moment alone**: normalized MSE = sum((x_q-x)^2)/sum(x^2), mean |relative "
             "error| over the nonzero elements, and how many nonzero elements decode to 0.", ""]
   lines += H.table(["moment", "format", "expansion", "normalized MSE", "mean abs rel. error",
-                    "nonzero -> 0"], [[r["moment"], LABEL[r["fmt"]], "yes" if r["expansion"] else "no",
-                                       f"{r['nmse']:.3g}", f"{r['mean_abs_rel_err']:.3g}",
-                                       f"{r['zeroed']:,}"] for r in res["per_moment"]])
+                    "nonzero -> 0"], [
+      [r["moment"], LABEL[r["fmt"]], "yes" if r["expansion"] else "no", f"{r['nmse']:.3g}",
+       f"{r['mean_abs_rel_err']:.3g}", f"{r['zeroed']:,}"] for r in res["per_moment"]])
   if res.get("extra_cells"):
     name = lambda var: LABEL[var[0]] + (" + expansion" if var[1] else "")  # noqa: E731
     lines += ["", H.prose(NAME, "hif8"), ""] + H.table(
@@ -348,11 +254,11 @@ def render(out_dir: pathlib.Path) -> str:
   lines += ["", "![expansion exponent k](state_error_k.png)", "",
             "**Expansion exponent k** over groups (all-zero groups excluded; k is capped at "
             "255/16 = 15.94 when a group's range is tiny):", ""]
-  lines += H.table(["moment", "format", "groups", "mean"] + [f"q{float(q) * 100:g}" for q in K_QUANTILES]
-                   + ["at cap"], [key.split("/")[:1] + [LABEL[key.split("/")[1]],
-                                  f"{s['groups'] - s['zero_groups']:,}", f"{s['mean']:.2f}"]
-                                  + [f"{s['quantiles'][str(q)]:.2f}" for q in K_QUANTILES]
-                                  + [f"{s['clamped_max']:,}"] for key, s in res["k"].items()])
+  lines += H.table(
+      ["moment", "format", "groups", "mean"] + [f"q{q * 100:g}" for q in K_QUANTILES] + ["at cap"],
+      [[key.split("/")[0], LABEL[key.split("/")[1]], f"{s['groups'] - s['zero_groups']:,}",
+        f"{s['mean']:.2f}", *(f"{s['quantiles'][str(q)]:.2f}" for q in K_QUANTILES),
+        f"{s['clamped_max']:,}"] for key, s in res["k"].items()])
   if {"e4m3", "hif8"} <= set(fmts):
     lines += ["", H.prose(NAME, "reading", res["quick"])]
   return "\n".join(lines) + "\n"

@@ -32,5 +32,4 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       formats=("e4m3", "e5m2", "hif8"), group_size=128, eps=1e-8, train_steps=20,
       tiny=dict(model=dict(d_model=128, n_layers=1, d_ff=256, attention_impl="dense_jax"),
-                data=dict(seq_len=64, batch_size=8), optim=dict(warmup_steps=5, decay_steps=20)),
-      moments=None if arg == "quick" else "experiments/results/parity/runs/moments_bf16_s0.npz"))
+                data=dict(seq_len=64, batch_size=8), optim=dict(warmup_steps=5, decay_steps=20))))

@@ -12,6 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import harness  # noqa: E402
 import parity  # noqa: E402
 import state_error  # noqa: E402
 
@@ -160,7 +161,7 @@ def _check_parity(out, recipes):
     assert all(math.isfinite(v) for _, v in r["val"] + r["train"])
     assert r["final_val_loss"] == r["val"][-1][1]
   for recipe in set(recipes) & set(parity.DUMP_RECIPES):
-    step, state, _ = parity.restore_state(out / "runs" / f"{recipe}_s0")
+    _, step, state = harness.restore(out / "runs" / f"{recipe}_s0")
     assert step == 4
     with np.load(out / "runs" / f"moments_{recipe}_s0.npz") as z:
       import jax
