@@ -1,4 +1,4 @@
-"""One device check: what the CPU cannot measure, in six timed sections (docs/device.md).
+"""One device check: what the CPU cannot measure, in seven timed sections (docs/device.md).
 
   PYTHONPATH=. python experiments/device_check.py [--dry-run] [--out DIR]
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse, json, os, pathlib, subprocess, sys, time  # noqa: E401  pylint: disable=multiple-imports
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUDGET = dict(environment=15, tests=120, fp8_gemm=60, attention=90, optimizer=60, training=120)
+BUDGET = dict(environment=15, tests=120, fp8_gemm=60, attention=90, optimizer=60, training=120,
+              moe=40)
 TOTAL, DRY_BUDGET = 460.0, 8.0  # --dry-run: every section starts, its later parts may skip
 
 
@@ -155,8 +156,39 @@ def training(dry, out, spent):
     del state, compiled, tr
 
 
+def moe(dry, out, spent):
+  """The sparse MoE layer (E = 64, top 2, one dispatch group), forward + backward in BF16:
+  compiled GFLOPs and seconds of each grouped matmul against a dense SwiGLU MLP with the active
+  parameters (XLA:CPU runs 'ragged_dot' as a dense dot over all E groups: docs/nn.md)."""
+  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
+  from mpxla.nn.moe import MoE  # pylint: disable=import-outside-toplevel
+  t, d, f, e = (512, 64, 128, 8) if dry else (16384, 1024, 2048, 64)
+  x, r = jnp.ones((t, d), jnp.bfloat16), jnp.ones((t, d), jnp.bfloat16)
+  out.update(tokens=t, d=d, d_ff=f, experts=e)
+
+  def step(name):  # (jitted gradient of sum(y * r), its parameters)
+    if name == "mlp":
+      p = {k: jnp.full(s, 0.01, jnp.bfloat16) for k, s in
+           dict(gate=(d, 2 * f), up=(d, 2 * f), down=(2 * f, d)).items()}
+      y = lambda p, x: (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]  # noqa: E731
+    else:
+      model = MoE(num_experts=e, d_ff=f, top_k=2, dtype=jnp.bfloat16, grouped_matmul=name)
+      p = model.init(jax.random.key(0), x)["params"]
+      y = lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"])[0]  # noqa: E731
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(y(p, x) * r).astype(jnp.float32), (0, 1))), p
+
+  for name in ("mlp", "ragged_dot", "blocks"):
+    if spent():
+      out[name] = "skipped: budget spent"
+      continue
+    fn, params = step(name)
+    cost = fn.lower(params, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = dict(gflops=(cost or {}).get("flops", 0.0) / 1e9, seconds=timed(fn, params, x))
+
+
 SECTIONS = dict(environment=environment, tests=tests, fp8_gemm=fp8_gemm, attention=attention,
-                optimizer=optimizer, training=training)
+                optimizer=optimizer, training=training, moe=moe)
 
 
 def markdown(res) -> str:

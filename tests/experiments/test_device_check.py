@@ -18,7 +18,8 @@ def test_device_check_dry_run(tmp_path):
                      timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((tmp_path / "cpu.json").read_text())
-  assert list(res) == ["environment", "tests", "fp8_gemm", "attention", "optimizer", "training"]
+  assert list(res) == ["environment", "tests", "fp8_gemm", "attention", "optimizer", "training",
+                       "moe"]
   for name, section in res.items():
     assert "error" not in section, (name, section)
   assert res["environment"]["jax"] and res["tests"]["returncode"] == 0
