@@ -4,15 +4,22 @@
 
 Sections, each with its own budget in seconds (skipped with a message once spent; the whole
 run stays under 8 minutes on one H100/H200). Writes DIR/<device>.json and DIR/<device>.md
-(default DIR: experiments/results/device). --dry-run: every section at miniature sizes on CPU. Runs from a source checkout with the machine's own JAX (0.10 or 0.11) and
-no other package than the library imports: jax + jaxlib (+ its CUDA/TPU plugin), numpy,
-ml_dtypes, optax, flax, ml_collections (pure Python: bring as wheels if missing); pytest only
-for section 2 (skipped without it). On a TPU, attention times 'pallas_tpu' (Mosaic), cuDNN fails (noted)
-and the optimizer uses the 'pallas_tpu' layout.
+(default DIR: experiments/results/device). --dry-run: every section at miniature sizes on
+CPU. Runs from a source checkout with the machine's own JAX (0.10 or 0.11) and no other
+package than the library imports: jax + jaxlib (+ its CUDA/TPU plugin), numpy, ml_dtypes,
+optax, flax, ml_collections (pure Python: bring as wheels if missing); pytest only for
+section 2 (skipped without it). On a TPU, attention times 'pallas_tpu' (Mosaic), cuDNN fails
+(noted) and the optimizer uses the 'pallas_tpu' layout.
 """
 from __future__ import annotations
 
-import argparse, json, os, pathlib, subprocess, sys, time  # noqa: E401  pylint: disable=multiple-imports
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUDGET = dict(environment=15, tests=120, fp8_gemm=60, attention=90, optimizer=60, training=120,
@@ -24,14 +31,17 @@ def timed(f, *args, iters=5):
   """Median seconds of f(*args) after one warm-up call (compilation excluded)."""
   import jax  # pylint: disable=import-outside-toplevel
   jax.block_until_ready(f(*args))
-  ts = [time.perf_counter()]
+  times = []
   for _ in range(iters):
-    ts.append(jax.block_until_ready(f(*args)) is not None and time.perf_counter())
-  return sorted(b - a for a, b in zip(ts, ts[1:]))[iters // 2]
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+  return sorted(times)[iters // 2]
 
 
 def environment(dry, out, spent):
-  import jax, jaxlib  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax
+  import jaxlib  # pylint: disable=import-outside-toplevel
   d = jax.devices()[0]
   stats = d.memory_stats() or {}
   out.update(device=d.device_kind, platform=d.platform, n_devices=jax.device_count(),
@@ -52,7 +62,9 @@ def tests(dry, out, spent):
 
 
 def fp8_gemm(dry, out, spent):
-  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+
   from mpxla.nn.fp8_dot import fp8_dot_general  # pylint: disable=import-outside-toplevel
   n = 256 if dry else 8192
   x = jnp.ones((n, n), jnp.bfloat16) * 0.01
@@ -70,7 +82,9 @@ def fp8_gemm(dry, out, spent):
 
 
 def attention(dry, out, spent):
-  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   import mpxla.attention as A  # pylint: disable=import-outside-toplevel
   s, h, d = (128, 2, 32) if dry else (8192, 16, 128)
   kernel = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu"
@@ -98,7 +112,10 @@ def attention(dry, out, spent):
 
 
 def optimizer(dry, out, spent):
-  import jax, jax.numpy as jnp, optax  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax
+  import jax.numpy as jnp
+  import optax  # pylint: disable=import-outside-toplevel
+
   import mpxla.optim as mo  # pylint: disable=import-outside-toplevel
   rows, leaves = (512, 2) if dry else (8192, 16)  # 16 x 8192 x 8192 = 1.07e9 parameters
   params = {f"w{i}": jnp.full((rows, rows), 0.01, jnp.float32) for i in range(leaves)}
@@ -129,6 +146,7 @@ def training(dry, out, spent):
   import jax  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(ROOT / "configs"))
   import llama_memory  # pylint: disable=import-outside-toplevel
+
   from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
   steps = 1 if dry else 30
   for recipe in ("bf16", "coat", "coat_sr"):
@@ -143,7 +161,8 @@ def training(dry, out, spent):
     predicted = None if ma is None else int(ma.argument_size_in_bytes + ma.temp_size_in_bytes
                                             + ma.output_size_in_bytes - ma.alias_size_in_bytes)
     state, zeros = tr.init_state(), lambda s: jax.numpy.zeros(s.shape, s.dtype)
-    batch = tr._global(jax.tree.map(zeros, tr.task.dummy_batch(tr.batch_size)))  # pylint: disable=protected-access
+    dummy = jax.tree.map(zeros, tr.task.dummy_batch(tr.batch_size))
+    batch = tr._global(dummy)  # pylint: disable=protected-access
     state, _ = jax.block_until_ready(compiled(state, batch))
     t = time.perf_counter()
     for _ in range(steps):
@@ -160,7 +179,9 @@ def moe(dry, out, spent):
   """The sparse MoE layer (E = 64, top 2, one dispatch group), forward + backward in BF16:
   compiled GFLOPs and seconds of each grouped matmul against a dense SwiGLU MLP with the active
   parameters (XLA:CPU runs 'ragged_dot' as a dense dot over all E groups: docs/nn.md)."""
-  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from mpxla.nn.moe import MoE  # pylint: disable=import-outside-toplevel
   t, d, f, e = (512, 64, 128, 8) if dry else (16384, 1024, 2048, 64)
   x, r = jnp.ones((t, d), jnp.bfloat16), jnp.ones((t, d), jnp.bfloat16)

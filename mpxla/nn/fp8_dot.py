@@ -50,9 +50,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mpxla import formats, quant
+from mpxla import formats, parallel, quant
 from mpxla.nn import flow, fp8_stats
-from mpxla import parallel
 from mpxla.quant.sharding import explicit_sharding, match_varying, varying_axes
 from mpxla.quant.tracing import after, tag, zero_cotangent
 

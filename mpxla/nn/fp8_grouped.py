@@ -65,6 +65,9 @@ def _quantize_rows(x_GxMxK, expert_GxM, num_experts: int, fmt) -> quant.QTensor:
                        tuple(x_GxMxK.shape), np.dtype(x_GxMxK.dtype))
 
 
+_DEFAULT_CONFIG = DotConfig()  # per-tensor E4M3 / E5M2 (frozen: safe to share)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   config: DotConfig
@@ -105,7 +108,7 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                       config: DotConfig = DotConfig(), preferred_element_type: Any = None
+                       config: DotConfig = _DEFAULT_CONFIG, preferred_element_type: Any = None
                        ) -> jax.Array:
   """x [G, M, K] (rows sorted by expert in each group) x w [E, K, N] with group_sizes [G, E]
   -> [G, M, N] on FP8 codes (see the module docstring); differentiable in x and w."""
@@ -128,7 +131,7 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 
 
 def fp8_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                   config: DotConfig = DotConfig(), preferred_element_type: Any = None
+                   config: DotConfig = _DEFAULT_CONFIG, preferred_element_type: Any = None
                    ) -> jax.Array:
   """`jax.lax.ragged_dot(lhs [T, K], rhs [E, K, N], group_sizes [E])` on FP8 codes: one
   dispatch group of `fp8_grouped_matmul`."""

@@ -220,7 +220,7 @@ def _kernel_gpu(scal_ref, seed_ref, g_ref, p_ref, mc, mk, ma, vc, vk, va,
   u, m_out, v_out = _tile(spec, hp, _seeds(seed_ref), g_ref[...], p_ref[...], m_enc, v_enc)
   u_ref[...] = u.astype(u_ref.dtype)
   for refs, vals in (((mc_o, mk_o, ma_o), m_out), ((vc_o, vk_o, va_o), v_out)):
-    for r, x in zip(refs, vals):
+    for r, x in zip(refs, vals, strict=True):
       r[...] = x
 
 
@@ -322,7 +322,7 @@ def _fused_leaf(g, p, mu, nu, hp, scal, salts, layout, interpret, block_rows):
   ng = n_pad // GROUP
   stoch = (mu.step is not None, nu.step is not None)
   zero = jnp.zeros((), jnp.uint32)
-  seeds = [(_seed(c, s) if c.step is not None else zero) for c, s in zip((mu, nu), salts)]
+  seeds = [(_seed(c, s) if c.step is not None else zero) for c, s in zip((mu, nu), salts, strict=True)]
   seeds = jnp.pad(jax.lax.bitcast_convert_type(jnp.stack(seeds), jnp.int32),
                   (0, _N_SCALARS - 2))
   if scal is None:
@@ -411,8 +411,10 @@ def fused_adamw_fp8(
     else:
       lr = -1 * learning_rate
     reciprocal = len(jax.tree.leaves(updates)) == 1
-    values = dict(c1=1 - b1, b1=b1, c2=1 - b2, b2=b2, bc1=_bias_correction(b1, count_inc, reciprocal),
-                  bc2=_bias_correction(b2, count_inc, reciprocal), eps=eps, eps_root=0.0, wd=wd, lr=lr)
+    values = dict(c1=1 - b1, b1=b1, c2=1 - b2, b2=b2,
+                  bc1=_bias_correction(b1, count_inc, reciprocal),
+                  bc2=_bias_correction(b2, count_inc, reciprocal), eps=eps, eps_root=0.0, wd=wd,
+                  lr=lr)
     hp, scal, dyn_dtypes = _pack(values)
     hp = hp._replace(reciprocal=reciprocal, opaque=interpret)
     hp_values = _Hyper(**values, reciprocal=reciprocal)
@@ -471,7 +473,7 @@ def _looks_like_adamw(updates, state, params) -> bool:
   for tree in (adam.mu, adam.nu):
     if jax.tree.structure(tree, is_leaf=is_compressed) != struct:
       return False
-  for g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+  for g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
     if tuple(np.shape(g)) != tuple(np.shape(p)):
       return False
   return True

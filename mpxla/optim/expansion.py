@@ -62,8 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpxla.formats import Format, cast, get_format, upcast
-from mpxla.formats import _bits
+from mpxla.formats import Format, _bits, cast, get_format, upcast
 from mpxla.optim import fastmath
 
 K_DENOM = 16  # k is stored on a 1/16 grid.

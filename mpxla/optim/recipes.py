@@ -43,8 +43,9 @@ def adamw_fp8(
       and TPU when the config is the kernel's (E4M3 with expansion and groups of 128, the
       default), the XLA path otherwise and on CPU. 'xla': always
       `compress_states(optax.adamw(...))`. 'pallas_gpu' / 'pallas_tpu': the kernel with
-      that platform's layout (Triton / Mosaic); raises if the config is not the kernel's. Both paths keep the same state and give the same results (bit for
-      bit in interpret mode; see docs/optim.md, "Fused update kernel").
+      that platform's layout (Triton / Mosaic); raises if the config is not the kernel's.
+      Both paths keep the same state and give the same results (bit for bit in interpret
+      mode; see docs/optim.md, "Fused update kernel").
     interpret: run the Pallas kernel in interpret mode (CPU; for tests).
 
   Returns:

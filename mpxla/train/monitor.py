@@ -251,8 +251,9 @@ def peak_composition(dump_dir, top: int = 10) -> dict[str, Any] | None:
 
   For a compile made with XLA_FLAGS `--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*`
   (`experiments/memory.py --explain` sets them). Reads XLA's `*-live-range.txt` (the heap
-  simulation's peak) and the optimized HLO: each live buffer is named by the JAX op that produced it (its `op_name`, or the nearest operand's for
-  fusions XLA created without one) and put in a category: 'arguments' (state and batch),
+  simulation's peak) and the optimized HLO: each live buffer is named by the JAX op that
+  produced it (its `op_name`, or the nearest operand's for fusions XLA created without one)
+  and put in a category: 'arguments' (state and batch),
   'forward' (jvp: kept for the backward pass), 'backward' (transpose(jvp)), 'optimizer & other'.
   Layer indices are folded ('layer_*'). Returns None if nothing was dumped.
   """

@@ -64,12 +64,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
     adam = adamw_fp8(schedule(o), **kwargs)
   else:
     adam = optax.adamw(schedule(o), **kwargs)
+  tx = adam
   if o.grad_clip:
     from mpxla.optim import clip_by_global_norm
 
     tx = optax.chain(clip_by_global_norm(o.grad_clip), adam)
-  else:
-    tx = adam
   if recipe in BF16_PARAM_RECIPES:
     from mpxla.optim import upcast_arithmetic
 

@@ -33,9 +33,9 @@ from jax.sharding import PartitionSpec as P
 
 from mpxla import nn as mnn
 from mpxla import optim as mo
-from mpxla.nn import fp8_stats
 from mpxla import parallel
 from mpxla.data import BatchIterator, make_source
+from mpxla.nn import fp8_stats
 from mpxla.train import checkpoint, monitor, preemption, recipes
 from mpxla.train import config as config_lib
 from mpxla.train.config import to_json

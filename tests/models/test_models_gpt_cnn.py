@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpxla.models import CNN, GPT, CNNConfig, GPTConfig
 from mpxla.attention import rotary_embedding
+from mpxla.models import CNN, GPT, CNNConfig, GPTConfig
 from mpxla.models.gpt import document_positions
 
 

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from mpxla.formats import _bits as fp8bits
 from mpxla.formats import cast, get_format, upcast
 from mpxla.optim import expansion as ex
-from mpxla.formats import _bits as fp8bits
 from mpxla.optim import fastmath
 
 F32_MAX = float(np.finfo(np.float32).max)

@@ -43,7 +43,7 @@ def _assert_identical(a, b):
   la, ta = jax.tree_util.tree_flatten_with_path(a)
   lb, tb = jax.tree.flatten(b)
   assert ta == tb
-  for (path, x), y in zip(la, lb):
+  for (path, x), y in zip(la, lb, strict=False):
     where = jax.tree_util.keystr(path)
     x, y = np.asarray(x), np.asarray(y)
     assert x.dtype == y.dtype, where
@@ -223,10 +223,10 @@ def _device_agreement(layout):
   s = ref.init(params)
   u_ref, s_ref = jax.jit(ref.update)(grads, s, params)
   u_fused, s_fused = jax.jit(fused.update)(grads, s, params)
-  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_fused)):
+  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_fused), strict=False):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-12)
   codes = [(np.asarray(a.codes).view(np.uint8), np.asarray(b.codes).view(np.uint8))
            for a, b in zip(jax.tree.leaves(s_ref, is_leaf=mo.is_compressed),
-                           jax.tree.leaves(s_fused, is_leaf=mo.is_compressed))
+                           jax.tree.leaves(s_fused, is_leaf=mo.is_compressed), strict=False)
            if mo.is_compressed(a)]
   return sum(int((a == b).sum()) for a, b in codes) / sum(a.size for a, _ in codes)

@@ -7,11 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpxla import optim as mo
-from mpxla.train import checkpoint
-
 from mpxla import nn as mnn
-from mpxla.train import recipes
+from mpxla import optim as mo
+from mpxla.train import checkpoint, recipes
 from mpxla.train.monitor import read_metrics
 from mpxla.train.trainer import Trainer
 
