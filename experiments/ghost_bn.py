@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import functools
 import itertools
-import pathlib
 import shutil
-from typing import Any
 
 import harness as H
-import numpy as np
 
 NAME = "ghost_bn"
 TITLE = "6. Ghost BatchNorm at a large global batch (CNN, digits, 8 devices)"
 CONFIG = "configs/cnn_digits.py"
 VARIANTS = ("global", "local", "ghost")
 DEVICES = 8
+COLORS = {"global": "black", "local": "tab:blue", "ghost": "tab:red"}
 
 
-def train_one(lr: float, seed: int, variant: str, s: dict[str, Any],
-              runs_dir: pathlib.Path) -> dict[str, Any]:
+def train_one(lr: float, seed: int, variant: str, s: dict, runs_dir) -> dict:
   """Trains one run with mpxla.train.Trainer (fresh workdir) -> its record."""
-  from mpxla.train import monitor  # pylint: disable=import-outside-toplevel
-  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from mpxla.train import monitor
+  from mpxla.train.trainer import Trainer
 
   workdir = runs_dir / f"{variant}_lr{lr:.1e}_s{seed}"
   shutil.rmtree(workdir, ignore_errors=True)
@@ -48,28 +45,28 @@ def train_one(lr: float, seed: int, variant: str, s: dict[str, Any],
           "wall_s": round(end[0] - start[0], 1), "cpu_s": round(end[1] - start[1], 1)}
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(runs: list[dict]) -> list[dict]:
   """One row per (lr, variant): final and halfway validation and final train loss over seeds."""
   rows = []
   for lr, v in itertools.product(sorted({r["lr"] for r in runs}), VARIANTS):
     sel = [r for r in runs if r["lr"] == lr and r["variant"] == v]
     if sel:
       mid = len(sel[0]["val"]) // 2 - 1  # the evaluation halfway through
-      final = {k: H.stats([r[f"final_{k}"] for r in sel])
-               for k in ("val_accuracy", "val_loss", "train_loss")}
-      rows.append({"lr": lr, "variant": v, "seeds": [r["seed"] for r in sel], **final,
+      rows.append({"lr": lr, "variant": v, "seeds": [r["seed"] for r in sel],
+                   **{k: H.stats([r[f"final_{k}"] for r in sel])
+                      for k in ("val_accuracy", "val_loss", "train_loss")},
                    "mid_step": sel[0]["val"][mid][0],
                    "mid_val_accuracy": H.stats([r["val"][mid][1] for r in sel]),
                    "mid_val_loss": H.stats([r["val"][mid][2] for r in sel])})
   return rows
 
 
-def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
-        variants=VARIANTS, command: str | None = None) -> dict[str, Any]:
+def run(out_dir, quick: bool = False, *, steps: int | None = None, seeds=None,
+        variants=VARIANTS, command: str | None = None) -> dict:
   """Trains every (lr, variant, seed) and writes out_dir/results.json."""
   H.check_choice("variants", variants, VARIANTS)
   out_dir, s, start = H.begin(NAME, quick, out_dir, DEVICES, steps=steps, seeds=seeds)
-  from mpxla.data.digits import Digits  # pylint: disable=import-outside-toplevel
+  from mpxla.data.digits import Digits
 
   runs = H.sweep(functools.partial(train_one, s=s, runs_dir=out_dir / "runs"), NAME,
                  lambda r: f"lr {r['lr']:.2e} {r['variant']:6s} seed {r['seed']}: val acc "
@@ -85,12 +82,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
                    + (" --quick" if quick else ""))})
 
 
-# --- rendering -----------------------------------------------------------------------------
-
-_COLORS = {"global": "black", "local": "tab:blue", "ghost": "tab:red"}
-
-
-def plot(res: dict[str, Any], path: pathlib.Path) -> None:
+def plot(res: dict, path) -> None:
   """Per lr: validation accuracy and loss per variant (mean over seeds, band min..max), and the
   validation loss of each variant minus `global`, paired by seed."""
   lrs = sorted({r["lr"] for r in res["runs"]})
@@ -99,16 +91,13 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
     base = {r["seed"]: r["val"] for r in res["runs"] if r["lr"] == lr and r["variant"] == "global"}
     for v in res["variants"]:
       sel = [r for r in res["runs"] if r["lr"] == lr and r["variant"] == v]
-      if not sel:
-        continue
-      steps = np.array([x[0] for x in sel[0]["val"]])
+      steps = [x[0] for x in sel[0]["val"]]
       for j in (0, 1):  # accuracy, loss
-        H.band(ax[j], steps, [[x[j + 1] for x in r["val"]] for r in sel], _COLORS[v],
+        H.band(ax[j], steps, [[x[j + 1] for x in r["val"]] for r in sel], COLORS[v],
                f"{v} ({len(sel)} seeds)")
-      paired = [[x[2] - b[2] for x, b in zip(r["val"], base[r["seed"]], strict=True)]
-                for r in sel if r["seed"] in base]
-      if v != "global" and paired:
-        H.band(ax[2], steps, paired, _COLORS[v], f"{v} - global")
+      if v != "global" and base:
+        H.band(ax[2], steps, [[x[2] - b[2] for x, b in zip(r["val"], base[r["seed"]], strict=True)]
+                              for r in sel], COLORS[v], f"{v} - global")
     ax[2].axhline(0.0, color="black", lw=0.8)
     H.style(ax[2], "step", "validation loss difference",
             f"lr {lr:.2g}: paired by seed (band min..max)")
@@ -119,51 +108,44 @@ def plot(res: dict[str, Any], path: pathlib.Path) -> None:
   H.save_figure(fig, path, dpi=75)
 
 
-def render(out_dir: pathlib.Path) -> str:
+def render(out_dir) -> str:
   """The section's markdown (and its plot) from out_dir/results.json."""
   out_dir, res = H.load(out_dir)
-  s, n_dev, n_train, n_val = res["settings"], res["per_device_batch"], res["n_train"], res["n_val"]
+  s, variants = res["settings"], res["variants"]
   plot(res, out_dir / "ghost_bn_val.png")
-  lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, "
-                          f"{res['wall_time_s'] / 60:.1f} min wall on {res['cpu_count']} shared "
-                          "CPU cores") + [
-      f"`mpxla.train.Trainer` on `{res['config']}:VARIANT`, 8 simulated CPU devices (mesh "
-      f"data={res['devices']}), global batch {s['batch']} ({n_dev} per device; the training set "
-      f"has {n_train} images, so one step sees {s['batch'] / n_train:.0%} of it), {s['steps']} "
-      f"steps, warmup {max(1, s['steps'] // 10)} + cosine, {len(s['seeds'])} seed(s). BatchNorm "
-      f"statistics: `global` over all {s['batch']} images, `local` over each device's {n_dev}, "
-      f"`ghost` over groups of {res['ghost_batch_size']}. Validation: the {n_val} held-out images "
-      f"(one exact pass, running averages), so one image is {1 / n_val:.4f} of accuracy.", "",
-      "![validation accuracy and loss](ghost_bn_val.png)", "",
-      f"Final (step {s['steps']}) and halfway (step "
-      f"{res['table'][0]['mid_step'] if res['table'] else '-'}) validation; mean ± std over seeds "
-      "(ddof=1), (min .. max):", ""]
   cols = ("val_accuracy", "val_loss", "mid_val_accuracy", "mid_val_loss", "train_loss")
-  lines += H.table(["lr", "BN statistics", "val accuracy", "val loss", "halfway val accuracy",
-                    "halfway val loss", "final train loss"],
-                   [[f"{row['lr']:.2g}", f"`{row['variant']}`"]
-                    + [H.pm(row[k], spread=True) for k in cols] for row in res["table"]])
+  by = {(x["lr"], x["seed"], x["variant"]): x for x in res["runs"]}
 
   def final(r):
     return f"{r['final_val_accuracy']:.4f} / {r['final_val_loss']:.4f}" if r else "-"
 
-  by = {(x["lr"], x["seed"], x["variant"]): x for x in res["runs"]}
-  lines += ["", "Per seed (final val accuracy / loss):", ""] + H.table(
-      ["lr", "seed"] + [f"`{v}`" for v in res["variants"]],
-      [[f"{lr:.2g}", seed] + [final(by.get((lr, seed, v))) for v in res["variants"]]
-       for lr in sorted({r["lr"] for r in res["runs"]}) for seed in s["seeds"]])
-  return "\n".join(lines + ["", H.prose(NAME, "reading", res["quick"])]) + "\n"
+  return "\n".join(H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, "
+                                   f"{res['wall_time_s'] / 60:.1f} min wall on "
+                                   f"{res['cpu_count']} shared CPU cores") + [
+      H.prose(NAME, "setup", res["quick"]), "",
+      "![validation accuracy and loss](ghost_bn_val.png)", "",
+      f"Final (step {s['steps']}) and halfway (step "
+      f"{res['table'][0]['mid_step'] if res['table'] else '-'}) validation; mean ± std over seeds "
+      "(ddof=1), (min .. max):", "",
+      *H.table(["lr", "BN statistics", "val accuracy", "val loss", "halfway val accuracy",
+                "halfway val loss", "final train loss"],
+               [[f"{row['lr']:.2g}", f"`{row['variant']}`"]
+                + [H.pm(row[k], spread=True) for k in cols] for row in res["table"]]),
+      "", "Per seed (final val accuracy / loss):", "",
+      *H.table(["lr", "seed"] + [f"`{v}`" for v in variants],
+               [[f"{lr:.2g}", seed] + [final(by.get((lr, seed, v))) for v in variants]
+                for lr in sorted({r["lr"] for r in res["runs"]}) for seed in s["seeds"]]),
+      "", H.prose(NAME, "reading")]) + "\n"
 
 
-def headline(out_dir: pathlib.Path) -> dict[str, str]:
+def headline(out_dir) -> dict[str, str]:
   """Header figures for docs/results.md: validation accuracy and loss per BatchNorm variant."""
   table = H.load(out_dir)[1]["table"]
   lr = max(row["lr"] for row in table)
   rows = [row for row in table if row["lr"] == lr]
-  acc = ", ".join(f"{r['variant']} {r['val_accuracy']['mean']:.4f}" for r in rows)
-  loss = ", ".join(f"{r['variant']} {r['val_loss']['mean']:.4f}" for r in rows)
-  return {f"Validation accuracy at batch 1024, lr {lr:g} (mean of seeds)": acc,
-          f"Validation loss at batch 1024, lr {lr:g} (mean of seeds)": loss}
+  return {f"Validation {name} at batch 1024, lr {lr:g} (mean of seeds)":
+          ", ".join(f"{r['variant']} {r[key]['mean']:.4f}" for r in rows)
+          for name, key in (("accuracy", "val_accuracy"), ("loss", "val_loss"))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ import functools
 import pathlib
 import shutil
 import string
-from typing import Any
 
 import harness as H
 import numpy as np
@@ -34,17 +33,14 @@ LAYER_STATS = {"mi_domain": ("domain", "mutual_information"),
                "max_load_over_mean": ("max_load_over_mean",)}
 
 
-# --- domains ------------------------------------------------------------------------------
-
-
 def top_level(rel_path: str) -> str:
   """The top-level stdlib package of a file ('<modules>' for a top-level module)."""
   return rel_path.split("/", 1)[0] if "/" in rel_path else "<modules>"
 
 
-def validation_layout(val_percent: int, root=None) -> dict[str, Any]:
+def validation_layout(val_percent: int, root=None) -> dict:
   """The validation documents in packing order: paths, end offsets, domain per document."""
-  from mpxla.data import corpus  # pylint: disable=import-outside-toplevel
+  from mpxla.data import corpus
 
   docs = [(r, p) for r, p in corpus.stdlib_files(root) if corpus.is_validation(r, val_percent)]
   lengths = np.array([p.stat().st_size for _, p in docs], np.int64)
@@ -65,13 +61,13 @@ def _positions(rows: np.ndarray, width: int) -> np.ndarray:
   return rows[:, None].astype(np.int64) * width + np.arange(width)[None, :]
 
 
-def token_domains(layout: dict[str, Any], rows: np.ndarray, width: int) -> np.ndarray:
+def token_domains(layout: dict, rows: np.ndarray, width: int) -> np.ndarray:
   """Domain id of every token of the packed validation rows `rows` ([R, width])."""
   doc = np.searchsorted(layout["ends"], _positions(rows, width), side="right")
   return layout["doc_domain"][doc]
 
 
-def packed_bytes(layout: dict[str, Any], rows: np.ndarray, width: int) -> np.ndarray:
+def packed_bytes(layout: dict, rows: np.ndarray, width: int) -> np.ndarray:
   """The bytes of the packed validation rows, rebuilt from the files (to check the labels)."""
   data = np.frombuffer(b"".join(p.read_bytes() for p in layout["paths"]), np.uint8)
   return data[_positions(rows, width)].astype(np.int32)
@@ -84,9 +80,6 @@ def byte_class(tokens: np.ndarray) -> np.ndarray:
   for label, chars in ((2, string.digits), (1, string.ascii_letters + "_"), (0, " \t\n\r")):
     cls[np.isin(t, [ord(c) for c in chars])] = label
   return cls
-
-
-# --- statistics (pure numpy, float64) -------------------------------------------------------
 
 
 def slot_counts(indices_NxK: np.ndarray, labels_N: np.ndarray, n_labels: int,
@@ -104,7 +97,7 @@ def entropy_bits(p: np.ndarray) -> np.ndarray:
   return np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
 
 
-def routing_information(counts_LxE: np.ndarray) -> dict[str, Any]:
+def routing_information(counts_LxE: np.ndarray) -> dict:
   """Shares per label, H(E | l), H(E) and I(E; L) = H(E) - sum_l p(l) H(E | l), in bits."""
   c = np.asarray(counts_LxE, np.float64)
   per_label = c.sum(1, keepdims=True)
@@ -127,10 +120,7 @@ def lbl_numpy(probs_NxE: np.ndarray, indices_NxK: np.ndarray, groups: int = 1) -
   return float(np.mean(vals))
 
 
-# --- training and evaluation ----------------------------------------------------------------
-
-
-def make_config(scope: str, seed: int, s: dict[str, Any]):
+def make_config(scope: str, seed: int, s: dict):
   """configs/gpt_tiny.py (bf16) as the MoE GPT of this section, LBL scope `scope`."""
   return H.trainer_config(CONFIG, H.schedule(s["steps"]), {
       "model": dict(s["model"], moe_lbl_scope=scope, moe_axis_name=list(BATCH_AXES)),
@@ -141,12 +131,12 @@ def make_config(scope: str, seed: int, s: dict[str, Any]):
 
 def forward_with_routing(trainer, state, tokens: np.ndarray, segs: np.ndarray, batch: int):
   """Per-target cross-entropy [R, T] and per MoE layer (indices [R, T, k], probs [R, T, E])."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  import jax
+  import optax
+  from flax import traverse_util
 
-  from mpxla import parallel  # pylint: disable=import-outside-toplevel
-  from mpxla.nn.moe import TopKRouter  # pylint: disable=import-outside-toplevel
+  from mpxla import parallel
+  from mpxla.nn.moe import TopKRouter
 
   def fwd(params, model_state, tok, seg):
     logits, inter = trainer.task.model.apply(
@@ -167,9 +157,9 @@ def forward_with_routing(trainer, state, tokens: np.ndarray, segs: np.ndarray, b
   return jax.tree.map(lambda *x: np.concatenate(x), *outs)
 
 
-def eval_sample(config, n_rows: int) -> dict[str, Any]:
+def eval_sample(config, n_rows: int) -> dict:
   """Evenly spaced validation rows with tokens, segment ids, target weights and labels."""
-  from mpxla.data import make_source  # pylint: disable=import-outside-toplevel
+  from mpxla.data import make_source
 
   source = make_source(config.data, "validation")
   width = config.data.seq_len + 1
@@ -189,8 +179,7 @@ def eval_sample(config, n_rows: int) -> dict[str, Any]:
           "byte_class": byte_class(tokens[:, :-1]), "layout": layout}
 
 
-def analyse(ce: np.ndarray, routes: dict[str, Any], sample: dict[str, Any],
-            num_experts: int, micro_rows: int) -> dict[str, Any]:
+def analyse(ce: np.ndarray, routes: dict, sample: dict, num_experts: int, micro_rows: int) -> dict:
   """Validation loss per domain and routing statistics per MoE layer of one trained model."""
   domains, d = sample["layout"]["domains"], sample["domain"]
   w = sample["weight"].astype(np.float64)
@@ -215,11 +204,10 @@ def analyse(ce: np.ndarray, routes: dict[str, Any], sample: dict[str, Any],
   return out
 
 
-def train_and_analyse(seed: int, scope: str, s: dict[str, Any], sample: dict[str, Any],
-                      runs_dir: pathlib.Path) -> dict[str, Any]:
+def train_and_analyse(seed: int, scope: str, s: dict, sample: dict, runs_dir) -> dict:
   """One Trainer run (fresh workdir), then the routing analysis of its final checkpoint."""
-  from mpxla.train import monitor  # pylint: disable=import-outside-toplevel
-  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from mpxla.train import monitor
+  from mpxla.train.trainer import Trainer
 
   workdir = runs_dir / f"{scope}_s{seed}"
   shutil.rmtree(workdir, ignore_errors=True)
@@ -239,7 +227,7 @@ def train_and_analyse(seed: int, scope: str, s: dict[str, Any], sample: dict[str
           "wall_s": round(end[0] - start[0], 1), "cpu_s": round(end[1] - start[1], 1)}
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(runs: list[dict]) -> dict:
   """Per scope, mean/std over seeds of the losses and the per-layer routing statistics."""
   def stats(sel, *path):
     return H.stats([functools.reduce(lambda x, key: x[key], path, r) for r in sel])
@@ -261,12 +249,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
   return table
 
 
-def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
-        scopes=SCOPES, command: str | None = None) -> dict[str, Any]:
+def run(out_dir, quick: bool = False, *, steps: int | None = None, seeds=None, scopes=SCOPES,
+        command: str | None = None) -> dict:
   """Trains the LBL `scopes` for every seed, analyses the routing, writes out_dir/results.json."""
   H.check_choice("scopes", scopes, SCOPES)
   out_dir, s, start = H.begin(NAME, quick, out_dir, DEVICES, steps=steps, seeds=seeds)
-  config = make_config(SCOPES[0], 0, s)
+  config = make_config("global", 0, s)  # (micro_batch needs the mesh to init the parameters)
   sample = eval_sample(config, s["eval_rows"])
 
   def describe(r):
@@ -279,7 +267,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
   runs = H.sweep(train, NAME, describe, seed=s["seeds"], scope=scopes)
   layout = sample["layout"]
   counts = np.bincount(sample["domain"].reshape(-1), minlength=len(layout["domains"]))
-  leaves = H.param_leaves(make_config("global", 0, s))  # (micro_batch needs the mesh to init)
+  leaves = H.param_leaves(config)
   total = sum(x.size for _, x in leaves)
   experts = sum(x.size for p, x in leaves if any(getattr(k, "key", "") == "moe" for k in p)
                 and not any(getattr(k, "key", "") == "router" for k in p))
@@ -299,12 +287,10 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
                    + (" --quick" if quick else ""))})
 
 
-# --- rendering -----------------------------------------------------------------------------
-
 _COLORS = {"micro_batch": "tab:blue", "global": "tab:red"}
 
 
-def plot(res: dict[str, Any], out_dir: pathlib.Path) -> None:
+def plot(res: dict, out_dir) -> None:
   """moe_balance_loss.png: validation loss per scope, and global - micro_batch per step paired
   by seed; moe_balance_shares.png: expert share per domain (first run's seed) per (scope, layer)."""
   fig, (ax, ax2) = H.pyplot().subplots(1, 2, figsize=(11, 4))
@@ -318,6 +304,7 @@ def plot(res: dict[str, Any], out_dir: pathlib.Path) -> None:
   for kind, color, label in (("train", "gray", "training loss (EMA 0.8)"),
                              ("val", "black", "validation loss")):
     if any(sc not in res["scopes"] for sc in SCOPES):
+      ax2.text(0.5, 0.5, "needs both scopes", ha="center", transform=ax2.transAxes)
       break
     d = np.array([[g[1] - m[1] for g, m in zip(by[seed, "global"][kind],
                                                by[seed, "micro_batch"][kind], strict=True)]
@@ -327,8 +314,6 @@ def plot(res: dict[str, Any], out_dir: pathlib.Path) -> None:
         d[:, j] = 0.8 * d[:, j - 1] + 0.2 * d[:, j]
     H.band(ax2, np.array([x[0] for x in res["runs"][0][kind]]), d, color, label,
            marker="o" if kind == "val" else None, ms=3)
-  if not ax2.lines:
-    ax2.text(0.5, 0.5, "needs both scopes", ha="center", transform=ax2.transAxes)
   ax2.axhline(0.0, color="tab:red", lw=0.8)
   H.style(ax2, "step", "global - micro_batch (nats/byte)",
           "global - micro_batch, paired by seed (band min..max)")
@@ -356,32 +341,18 @@ def render(out_dir: pathlib.Path) -> str:
   """The section's markdown (and its two plots) from out_dir/results.json."""
   out_dir, res = H.load(out_dir)
   plot(res, out_dir)
-  s, m, t = res["settings"], res["settings"]["model"], res["table"]
-  e, n_seeds, scopes = m["num_experts"], len(s["seeds"]), res["scopes"]
-  mb, layers = res["micro_batch_rows"], sorted(res["runs"][0]["eval"]["layers"])
-  run, par = {(x["seed"], x["scope"]): x["eval"] for x in res["runs"]}, res["params"]
+  s, t, scopes = res["settings"], res["table"], res["scopes"]
+  e, layers = s["model"]["num_experts"], sorted(res["runs"][0]["eval"]["layers"])
+  run = {(x["seed"], x["scope"]): x["eval"] for x in res["runs"]}
   lines = H.command_block(res, f"{res['cpu_time_s'] / 60:.1f} CPU-min, "
                           f"{res['wall_time_s'] / 60:.1f} min wall on {res['cpu_count']} shared "
                           "CPU cores") + [
-      f"`mpxla.train.Trainer` on `{res['config']}` (bf16) as an MoE GPT: d_model {m['d_model']}, "
-      f"{m['n_layers']} layers with an MoE MLP ({e} SwiGLU experts of width {m['moe_d_ff']}, "
-      f"top-{m['moe_top_k']}) in every {m['moe_every']}nd layer, {par['total'] / 1e6:.2f}M "
-      f"parameters ({par['active'] / 1e6:.2f}M active per token). 8 simulated CPU "
-      f"devices (mesh data=8), global batch {s['batch_size']} x {s['seq_len']} bytes, so each "
-      f"device's micro-batch is {mb} sequences ({mb * s['seq_len']} tokens); {s['steps']} steps, "
-      f"{n_seeds} seed(s); LBL weight {res['aux_loss_weight']:g}; the only difference between the "
-      "arms is `config.model.moe_lbl_scope`.", "",
-      f"Evaluation: {res['sample_rows']} evenly spaced validation rows "
-      f"({sum(res['domain_sample_tokens'].values()):,} tokens from {res['validation_docs']} "
-      "validation files); every token's domain is the top-level stdlib package of the file it "
-      f"comes from (packages with >= {res['min_domain_share']:.0%} of the validation bytes, "
-      "`<modules>` = top-level modules, the rest `other`). Tokens per domain: " + ", ".join(
-          f"`{d}` {n:,}" for d, n in res["domain_sample_tokens"].items()) + ".", "",
-      "![loss curves](moe_balance_loss.png)", "",
-      f"Mean ± std over {n_seeds} seed(s) (ddof=1). Information in bits; H(E|D) is the "
+      H.prose(NAME, "setup", res["quick"]), "", "![loss curves](moe_balance_loss.png)", "",
+      f"Mean ± std over {len(s['seeds'])} seed(s) (ddof=1). Information in bits; H(E|D) is the "
       f"token-weighted mean of the per-domain routing entropies (max log2 {e} = "
       f"{np.log2(e):.0f}); LBL measured on the evaluation sample over all of it (global) and "
-      f"over groups of {mb} rows (micro-batch), 1.0 = perfectly balanced:", ""]
+      f"over groups of {res['micro_batch_rows']} rows (micro-batch), 1.0 = perfectly balanced:",
+      ""]
   cols = ("I(E;D)", "H(E\\|D)", "I(E;byte class)", "LBL global / micro")
   lines += H.table(
       ["LBL scope", "val loss (sample)", "val loss (trainer)", "train loss"]
@@ -413,7 +384,7 @@ def render(out_dir: pathlib.Path) -> str:
             res["domains"], st["shares"], st["entropy_given"], strict=True)]) + [""]
   lines += ["![expert shares per domain](moe_balance_shares.png)", ""]
   if all(x in t for x in SCOPES):
-    lines.append(H.prose(NAME, "reading", res["quick"]))
+    lines.append(H.prose(NAME, "reading"))
   return "\n".join(lines) + "\n"
 
 

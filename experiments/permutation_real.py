@@ -23,8 +23,6 @@ BOUND = "any-permutation bound"  # the fewest blocks any key order could need (a
 MAP_SIDE = 32  # block-mass maps stored for the plot are mean-pooled to at most this side
 PARITY = H.RESULTS / "parity" / "runs" / "bf16_s0"
 
-# --- metrics (tested against independent numpy in tests/experiments) ---------------------------
-
 
 def block_mass(probs_TxS, perm_S, block_q: int, block_kv: int):
   """[nq, nk] mean over each query block of the attention mass of each key block; key block j
@@ -53,9 +51,7 @@ def any_permutation_blocks(probs_TxS, block_q: int, block_kv: int, recall: float
 def keep_top(mass_QxK: np.ndarray, counts: np.ndarray) -> np.ndarray:
   """bool [nq, nk]: the counts[i] largest-mass blocks of each row i (stable ties)."""
   order = np.argsort(-np.asarray(mass_QxK, np.float64), axis=-1, kind="stable")
-  rank = np.empty_like(order)
-  np.put_along_axis(rank, order, np.arange(order.shape[-1])[None], axis=-1)
-  return rank < np.asarray(counts)[:, None]
+  return np.argsort(order, axis=-1) < np.asarray(counts)[:, None]  # the rank of each block
 
 
 def sparse_output_error(probs_TxS, v_SxE, perm_S, keep_QxK, block_q: int, block_kv: int):
@@ -85,10 +81,8 @@ def causal_probs(q_TxE, k_TxE):
   import jax
   import jax.numpy as jnp
 
-  t = q_TxE.shape[0]
   s = (q_TxE @ k_TxE.T) * q_TxE.shape[-1] ** -0.5
-  return jax.nn.softmax(jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], s, -jnp.inf),
-                        axis=-1)
+  return jax.nn.softmax(jnp.where(jnp.tri(s.shape[0], dtype=bool), s, -jnp.inf), axis=-1)
 
 
 @functools.cache
@@ -112,14 +106,13 @@ def _selector(block: int, segment: int, permute: bool, estimate: str, threshold:
 
   from mpxla import attention as A
 
-  @jax.jit
   def f(q, k, v):
     p = A.permute_kv(q, k, v, A.causal(), block_q=block, block_kv=block, threshold=threshold,
                      segment=segment, permute=permute, estimate=estimate)
     return p.perm, p.block_mask.block_any(), A.attention(q, p.k, p.v, mask=p.block_mask,
                                                          impl="xla")
 
-  return f
+  return jax.jit(f)
 
 
 def _pool_map(mass: np.ndarray) -> str:
@@ -137,9 +130,6 @@ def _unpool_map(text: str) -> np.ndarray:
   codes = np.frombuffer(base64.b64decode(text), np.uint8)
   n = int(round(np.sqrt(codes.size)))
   return -codes.reshape(n, n).astype(np.float64) / 40
-
-
-# --- analysis ------------------------------------------------------------------------------------
 
 
 def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", "tokens"),
@@ -214,9 +204,6 @@ def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", 
           "estimates": list(estimates), "select_recalls": list(select_recalls),
           "heads": [{"layer": li, "head": hd, "kv_head": hd // g, **mean(d)}
                     for (li, hd), d in acc.items()], "maps": maps}
-
-
-# --- models: train, restore, read real text ------------------------------------------------------
 
 
 def _has_checkpoint(wd: pathlib.Path) -> bool:
@@ -297,13 +284,8 @@ def study(wd: pathlib.Path, source: str, context: int, p: dict) -> dict:
 
 def run(out_dir: pathlib.Path, quick: bool, command: str, workdir: str | None = None,
         context: int | None = None) -> dict:
-  """Runs the analysis and writes out_dir/results.json.
-
-  The main study, at `context` (default: the settings'): the given workdir, else the parity
-  section's bf16 seed-0 run, else configs/gpt_tiny.py trained into out_dir/runs/gpt_tiny (quick:
-  a tiny model, runs/gpt_quick). The settings' long_train_len L > 0 adds a second study: the
-  same config trained on L-token rows (out_dir/runs/gpt_tiny_L{L}), read at its training length.
-  """
+  """Runs the studies (see configs/experiments/permutation.py) and writes out_dir/results.json:
+  the model of `workdir`, else the parity section's bf16 seed-0 run, else one trained here."""
   out_dir, p, start = H.begin(NAME, quick, out_dir, context=context)
   n = p["long_train_len"]
   if any(p["context"] % s for s in (p["block"], *p["segments"])):
@@ -325,9 +307,6 @@ def run(out_dir: pathlib.Path, quick: bool, command: str, workdir: str | None = 
                          f"configs/gpt_tiny.py trained here on {n}-token rows", n, p))
   return H.save(out_dir, {"quick": quick, **studies[0], "extra": studies[1:],
                           **H.metadata(start, command)}, indent=None)
-
-
-# --- report --------------------------------------------------------------------------------------
 
 
 def _layer_mean(heads, layer, key, variant, r):
@@ -433,9 +412,7 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
       f"query blocks, {st['causal_blocks']} non-empty causal blocks per head.", "",
       "Blocks needed (oracle selection), mean over heads; in brackets the reduction against no "
       "permutation:", "", *per_layer(variants, blocks), "",
-      "Where those blocks lie (all heads): in segments wholly before the query block's own "
-      "segment (*earlier*, where a segment sort can gather heavy keys) or in the query block's "
-      "own segment (*diagonal*, where permuted keys are only partly visible):", "",
+      H.prose(NAME, "where"), "",
       *H.table(["segment", "recall"] + [c for v in ("no permutation", "permute_kv",
                                                      "true-importance")
                                         for c in (f"{v}: earlier", "diagonal")],
@@ -444,10 +421,7 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
       "Output error of those selections (relative L2 against dense attention), mean over "
       "heads:", "",
       *per_layer(ordered, lambda li, r: [f"{mean(li, 'error', var, r):.4f}" for var in ordered]),
-      "", "What `permute_kv` selects from its own estimate (threshold = target recall): blocks "
-      "listed by the returned BlockMask, the true recall they hold, and the output error of "
-      "`mpxla.attention.attention(q, p.k, p.v, mask=p.block_mask, impl='xla')` against dense "
-      "attention; mean over all heads:", "",
+      "", H.prose(NAME, "selects"), "",
       *H.table(["keys", "threshold"] + [c for e in st["estimates"] for c in (
           f"{e} estimate: blocks", "recall", "error")],
                [[name, r, *selected(name, r)] for name in st["selections"]
