@@ -86,7 +86,7 @@ def _attention_bwd(cfg, res, do):
   q, k, v, o, lse, bm = res
   # Not recognizable by XLA as the forward's q, k, v, o, so their float32 copies are not
   # merged with the forward's and kept alive from one pass to the other (docs/xla_cpu.md).
-  q, k, v, o = (after(a, lse) for a in (q, k, v, o))
+  q, k, v, o = (after(a, lse, do) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_cotangent(bm)
 
@@ -365,8 +365,8 @@ def _pairs(bm: BlockMask):
 def _pair_mask(mask, q_tok, kv_tok, qi, ki, full, valid, q_len, kv_len):
   """bool [N, bq, bk]: valid & (full | allowed) per pair.
 
-  q_tok [nr, M, Tqp], kv_tok [nr, M, Tkp] (M = batch x mask heads); qi, ki: (m, slot) index
-  pairs [N, bq] / [N, bk] into them.
+  q_tok [nr, Hm, Tqp], kv_tok [nr, Hm, Tkp] (one batch element); qi, ki: (mask head, slot)
+  index pairs [N, bq] / [N, bk] into them.
   """
   (qm, q_slot), (km, kv_slot) = qi, ki
   q_rows = [q_tok[r][qm, q_slot][:, :, None] for r in range(q_tok.shape[0])]
@@ -377,12 +377,16 @@ def _pair_mask(mask, q_tok, kv_tok, qi, ki, full, valid, q_len, kv_len):
 
 
 def _sparse(q, k, v, bwd, bm, cfg):
-  """Pairs of all [batch, mask head] slices in one flat list of N = B * Hm * C entries."""
+  """Pairs of all [batch, mask head] slices in one flat list of N = B * Hm * C entries.
+
+  Gathers and segment sums run per batch element (`jax.vmap` over B, local block ids), so a
+  batch split over devices stays split: each device gathers from its own sequences only.
+  """
   b, tq, h, _ = q.shape
   tk, hk = k.shape[1], k.shape[2]
   lay = _layout(bm, h, hk)
   bq, bk, nq, nk = bm.block_q, bm.block_kv, bm.num_q_blocks, bm.num_kv_blocks
-  gp, nm = lay.gp, b * lay.hm
+  gp = lay.gp
 
   def flat(x):  # [B, Hm, n, ...] -> [B * Hm * n, ...]
     return x.reshape((-1,) + x.shape[3:])
@@ -390,36 +394,46 @@ def _sparse(q, k, v, bwd, bm, cfg):
   def unflat(x):
     return x.reshape((b, lay.hm, -1) + x.shape[1:])
 
-  def tok(t):  # [B, Hm, nr, T] -> [nr, B * Hm, T]
-    return jnp.moveaxis(t.reshape((nm,) + t.shape[2:]), 1, 0)
+  def per_example(fn, x, ids):  # fn(x_b, ids_b) for each batch element b of flat x and ids
+    out = jax.vmap(fn)(x.reshape((b, -1) + x.shape[1:]), ids.reshape(b, -1))
+    return out.reshape((-1,) + out.shape[2:])
 
-  def seg(x, ids, n, sorted_=False):
-    return jax.ops.segment_sum(x, ids, n, indices_are_sorted=sorted_)
+  def take(x, ids):  # x[ids] with the ids local to each batch element
+    return per_example(lambda xb, i: xb[i], x, ids)
+
+  def seg(x, ids, n, sorted_=False, op=jax.ops.segment_sum):  # n segments per batch element
+    return per_example(lambda xb, i: op(xb, i, n, indices_are_sorted=sorted_), x, ids)
 
   qg = flat(_to_groups(_f32(q), lay, gp, nq, bq))  # [B*Hm*nq, Hkm, Gp*bq, D]
   kg = flat(_kv_groups(_f32(k), lay, h, nk, bk))  # [B*Hm*nk, Hkm, bk, D]
   vg = flat(_kv_groups(_f32(v), lay, h, nk, bk))
-  row, col, full, valid = (_bcast(x, b, lay.hm).reshape(nm, -1) for x in _pairs(bm))
-  m_idx = jnp.arange(nm, dtype=jnp.int32)[:, None]
-  rows = (row + m_idx * nq).reshape(-1)  # sorted: slices in order, rows sorted within each
-  cols = (col + m_idx * nk).reshape(-1)
+  row, col, full, valid = (_bcast(x, b, lay.hm) for x in _pairs(bm))  # [B, Hm, C]
+  h_idx = jnp.arange(lay.hm, dtype=jnp.int32)[None, :, None]
+  rows = (row + h_idx * nq).reshape(-1)  # per batch element: sorted (mask heads in order)
+  cols = (col + h_idx * nk).reshape(-1)
   full, valid = full.reshape(-1), valid.reshape(-1)
   q_tok, kv_tok = bm.tokens(lay.hm if bm.kv_perm is not None else None)
-  q_tok = jnp.broadcast_to(q_tok[:, None], (b, lay.hm) + q_tok.shape[1:])
+  q_tok = jnp.broadcast_to(q_tok[:, None], (b, lay.hm) + q_tok.shape[1:])  # [B, Hm, nr, T]
   kv_tok = _bcast(kv_tok, b, lay.hm)
-  pair_m = jnp.repeat(m_idx[:, 0], row.shape[1])
-  qi = (pair_m[:, None], (rows % nq)[:, None] * bq + jnp.arange(bq))
-  ki = (pair_m[:, None], (cols % nk)[:, None] * bk + jnp.arange(bk))
-  allowed = _pair_mask(bm.mask, tok(q_tok), tok(kv_tok), qi, ki, full, valid, bm.q_len,
-                       bm.kv_len)[:, None, None]  # [N, 1, 1, bq, bk]
-  n_rows, n_cols = nm * nq, nm * nk
-  s, raw = _scores(qg[rows], kg[cols], cfg, gp)  # [N, Hkm, Gp, bq, bk]
+  pair_h = jnp.repeat(h_idx[0, :, 0], row.shape[-1])[:, None]
+
+  def pair_mask(qt, kt, r, c, f, va):  # one batch element: [Hm * C, bq, bk]
+    qi = (pair_h, r[:, None] * bq + jnp.arange(bq))
+    ki = (pair_h, c[:, None] * bk + jnp.arange(bk))
+    return _pair_mask(bm.mask, jnp.moveaxis(qt, 1, 0), jnp.moveaxis(kt, 1, 0), qi, ki, f, va,
+                      bm.q_len, bm.kv_len)
+
+  allowed = jax.vmap(pair_mask)(q_tok, kv_tok, *(x.reshape(b, -1) for x in (
+      row, col, full, valid)))  # [B, Hm * C, bq, bk]
+  allowed = allowed.reshape((-1, 1, 1) + allowed.shape[2:])  # [N, 1, 1, bq, bk]
+  n_rows, n_cols = lay.hm * nq, lay.hm * nk
+  s, raw = _scores(take(qg, rows), take(kg, cols), cfg, gp)  # [N, Hkm, Gp, bq, bk]
   if bwd is None:
     s = jnp.where(allowed, s, -jnp.inf)
-    m = _safe(jax.ops.segment_max(jnp.max(s, axis=-1), rows, n_rows, indices_are_sorted=True))
-    p = jnp.exp(s - m[rows][..., None])
+    m = _safe(seg(jnp.max(s, axis=-1), rows, n_rows, True, jax.ops.segment_max))
+    p = jnp.exp(s - take(m, rows)[..., None])
     den = seg(jnp.sum(p, axis=-1), rows, n_rows, True)
-    o = seg(_pv(p, vg[cols]), rows, n_rows, True) / _merge(
+    o = seg(_pv(p, take(vg, cols)), rows, n_rows, True) / _merge(
         jnp.where(den == 0, 1.0, den)[..., None])
     lse = jnp.where(den == 0, -jnp.inf, m + jnp.log(den))
     return _from_groups(unflat(o), lay, gp, tq).astype(q.dtype), _lse_to_bht(unflat(lse), tq)
@@ -428,12 +442,13 @@ def _sparse(q, k, v, bwd, bm, cfg):
   dog = flat(_to_groups(_f32(do), lay, gp, nq, bq))
   lse_g = flat(_lse_from_bht(lse, lay, nq, bq))  # [B*Hm*nq, Hkm, Gp, bq]
   delta = jnp.sum(_split(og * dog, gp), axis=-1)
-  dor = _split(dog[rows], gp)
-  p = jnp.where(allowed, jnp.exp(s - _safe(lse_g)[rows][..., None]), 0.0)
+  dor = _split(take(dog, rows), gp)
+  p = jnp.where(allowed, jnp.exp(s - take(_safe(lse_g), rows)[..., None]), 0.0)
+  vc, kc = take(vg, cols), take(kg, cols)
   dv = seg(jnp.einsum("nhgqk,nhgqd->nhkd", p, dor), cols, n_cols)
-  dp = jnp.einsum("nhgqd,nhkd->nhgqk", dor, vg[cols])
-  ds = _grad_scores(p * (dp - delta[rows][..., None]), raw, cfg)
-  dq = seg(_merge(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kg[cols])), rows, n_rows, True)
-  dk = seg(jnp.einsum("nhgqk,nhgqd->nhkd", ds, _split(qg[rows], gp)), cols, n_cols)
+  dp = jnp.einsum("nhgqd,nhkd->nhgqk", dor, vc)
+  ds = _grad_scores(p * (dp - take(delta, rows)[..., None]), raw, cfg)
+  dq = seg(_merge(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kc)), rows, n_rows, True)
+  dk = seg(jnp.einsum("nhgqk,nhgqd->nhkd", ds, _split(take(qg, rows), gp)), cols, n_cols)
   return (_from_groups(unflat(dq), lay, gp, tq), _kv_grad(unflat(dk), lay, hk, tk),
           _kv_grad(unflat(dv), lay, hk, tk))

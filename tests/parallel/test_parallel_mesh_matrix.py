@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from mesh_matrix import cells
+from mesh_matrix import Cell, cells
 
 from mpxla import attention, quant
 from mpxla.nn import fp8_dot
@@ -276,3 +277,19 @@ def test_attention(cell):
   for name, got, ref in zip(("out", "dq", "dk"), (out, dq, dk), want, strict=True):
     assert got.shape == ref.shape, name
     np.testing.assert_allclose(got, ref, **TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_attention_gathers_nothing_across_the_batch(axis_type):
+  """Under jit each device attends over its own sequences: the compiled forward and backward of
+  the XLA path (sparse mode: block gathers per batch element) hold no all-gather."""
+  cell = Cell("2x4", axis_type, set_mesh=True, view="jit")
+  args, _ = inputs_and_reference("attention")
+  bm = attention.make_block_mask(attention.causal() & attention.sliding_window(5, 0), 24, 24,
+                                 block_q=8, block_kv=8)
+  assert attention.xla.mode(bm) == "sparse"
+  mesh = cell.mesh()
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(a, NamedSharding(mesh, P(cell.axes))) for a in args]
+    hlo = jax.jit(attention_fn).lower(*placed).compile().as_text()
+  assert "all-gather" not in hlo
