@@ -339,6 +339,8 @@ def _dense(q, k, v, bwd, bm, cfg):
 # ---------------------------------------------------------------------------------------------
 # Sparse: flat list of non-empty block pairs
 
+PAIR_CHUNK = 32  # block pairs per [batch, mask head] slice computed at once (sparse mode)
+
 
 def _pairs(bm: BlockMask):
   """rows, cols, full, valid [Bm, Hm, C] from the kv lists (sorted by row)."""
@@ -379,14 +381,18 @@ def _pair_mask(mask, q_tok, kv_tok, qi, ki, full, valid, q_len, kv_len):
 def _sparse(q, k, v, bwd, bm, cfg):
   """Pairs of all [batch, mask head] slices in one flat list of N = B * Hm * C entries.
 
+  The C pairs of each slice are computed about PAIR_CHUNK at a time, one chunk after the
+  other (unrolled, so that compiled cost analyses count every chunk): partial softmax sums per
+  chunk, merged by their maxima in the forward pass; gradients summed in the backward pass.
   Gathers and segment sums run per batch element (`jax.vmap` over B, local block ids), so a
-  batch split over devices stays split: each device gathers from its own sequences only.
+  batch split over devices stays split.
   """
   b, tq, h, _ = q.shape
   tk, hk = k.shape[1], k.shape[2]
   lay = _layout(bm, h, hk)
   bq, bk, nq, nk = bm.block_q, bm.block_kv, bm.num_q_blocks, bm.num_kv_blocks
   gp = lay.gp
+  n_rows, n_cols = lay.hm * nq, lay.hm * nk  # segments per batch element
 
   def flat(x):  # [B, Hm, n, ...] -> [B * Hm * n, ...]
     return x.reshape((-1,) + x.shape[3:])
@@ -407,48 +413,79 @@ def _sparse(q, k, v, bwd, bm, cfg):
   qg = flat(_to_groups(_f32(q), lay, gp, nq, bq))  # [B*Hm*nq, Hkm, Gp*bq, D]
   kg = flat(_kv_groups(_f32(k), lay, h, nk, bk))  # [B*Hm*nk, Hkm, bk, D]
   vg = flat(_kv_groups(_f32(v), lay, h, nk, bk))
-  row, col, full, valid = (_bcast(x, b, lay.hm) for x in _pairs(bm))  # [B, Hm, C]
-  h_idx = jnp.arange(lay.hm, dtype=jnp.int32)[None, :, None]
-  rows = (row + h_idx * nq).reshape(-1)  # per batch element: sorted (mask heads in order)
-  cols = (col + h_idx * nk).reshape(-1)
-  full, valid = full.reshape(-1), valid.reshape(-1)
   q_tok, kv_tok = bm.tokens(lay.hm if bm.kv_perm is not None else None)
   q_tok = jnp.broadcast_to(q_tok[:, None], (b, lay.hm) + q_tok.shape[1:])  # [B, Hm, nr, T]
   kv_tok = _bcast(kv_tok, b, lay.hm)
-  pair_h = jnp.repeat(h_idx[0, :, 0], row.shape[-1])[:, None]
+  h_idx = jnp.arange(lay.hm, dtype=jnp.int32)[None, :, None]
 
-  def pair_mask(qt, kt, r, c, f, va):  # one batch element: [Hm * C, bq, bk]
+  def pair_mask(qt, kt, r, c, f, va):  # one batch element's pairs: [Hm * cp, bq, bk]
+    pair_h = jnp.repeat(h_idx[0, :, 0], r.shape[0] // lay.hm)[:, None]
     qi = (pair_h, r[:, None] * bq + jnp.arange(bq))
     ki = (pair_h, c[:, None] * bk + jnp.arange(bk))
     return _pair_mask(bm.mask, jnp.moveaxis(qt, 1, 0), jnp.moveaxis(kt, 1, 0), qi, ki, f, va,
                       bm.q_len, bm.kv_len)
 
-  allowed = jax.vmap(pair_mask)(q_tok, kv_tok, *(x.reshape(b, -1) for x in (
-      row, col, full, valid)))  # [B, Hm * C, bq, bk]
-  allowed = allowed.reshape((-1, 1, 1) + allowed.shape[2:])  # [N, 1, 1, bq, bk]
-  n_rows, n_cols = lay.hm * nq, lay.hm * nk
-  s, raw = _scores(take(qg, rows), take(kg, cols), cfg, gp)  # [N, Hkm, Gp, bq, bk]
+  # row, col, full, valid [B, Hm, C] padded to n_chunks * cp pairs (padding: invalid pairs whose
+  # rows repeat the last, so rows stay sorted), as n_chunks chunks [B, Hm, cp].
+  n_chunks = -(-bm.max_pairs // PAIR_CHUNK)
+  cp = -(-bm.max_pairs // n_chunks)
+  pad = ((0, 0), (0, 0), (0, n_chunks * cp - bm.max_pairs))
+  pairs = [jnp.pad(_bcast(x, b, lay.hm), pad, mode="edge" if i < 2 else "constant")
+           for i, x in enumerate(_pairs(bm))]
+  chunks = [[x[..., j * cp:(j + 1) * cp] for x in pairs] for j in range(n_chunks)]
+
+  def scores(xs, j):  # one chunk: rows, cols [N'], s (masked to -inf), raw [N', Hkm, Gp, bq, bk]
+    row, col, _, _ = xs
+    rows, cols = (row + h_idx * nq).reshape(-1), (col + h_idx * nk).reshape(-1)
+    allowed = jax.vmap(pair_mask)(q_tok, kv_tok, *(x.reshape(b, -1) for x in xs))
+    s, raw = _scores(take(qg, rows), take(kg, cols), cfg, gp)
+    s = jnp.where(allowed.reshape((-1, 1, 1) + allowed.shape[2:]), s, _neg_inf(j))
+    return rows, cols, s, raw
+
+  def over_chunks(body, merge):  # merge(..merge(body(chunk 0), body(chunk 1)).., body(last))
+    out = None
+    for j, (row, col, full, valid) in enumerate(chunks):
+      if out is not None:  # chunk j's blocks once chunk j - 1 is merged: one chunk at a time
+        row, col = (after(x, jax.tree.leaves(out)[0]) for x in (row, col))
+      new = body((row, col, full, valid), j)
+      out = new if out is None else merge(out, new)
+    return out
+
   if bwd is None:
-    s = jnp.where(allowed, s, -jnp.inf)
-    m = _safe(seg(jnp.max(s, axis=-1), rows, n_rows, True, jax.ops.segment_max))
-    p = jnp.exp(s - take(m, rows)[..., None])
-    den = seg(jnp.sum(p, axis=-1), rows, n_rows, True)
-    o = seg(_pv(p, take(vg, cols)), rows, n_rows, True) / _merge(
-        jnp.where(den == 0, 1.0, den)[..., None])
-    lse = jnp.where(den == 0, -jnp.inf, m + jnp.log(den))
+
+    def forward(xs, j):  # one chunk: row max m, row sum of exp(s - m), sum of p v
+      rows, cols, s, _ = scores(xs, j)
+      m = seg(jnp.max(s, axis=-1), rows, n_rows, True, jax.ops.segment_max)
+      p = jnp.exp(s - take(_safe(m), rows)[..., None])
+      den = seg(jnp.sum(p, axis=-1), rows, n_rows, True)
+      return m, den, seg(_pv(p, take(vg, cols)), rows, n_rows, True)
+
+    def merge(a, c):  # two chunks' partial sums, rescaled to the larger maximum
+      m = jnp.maximum(a[0], c[0])
+      wa, wc = (jnp.where(jnp.isfinite(x[0]), jnp.exp(x[0] - _safe(m)), 0.0) for x in (a, c))
+      return m, a[1] * wa + c[1] * wc, a[2] * _merge(wa[..., None]) + c[2] * _merge(wc[..., None])
+
+    m, den, o = over_chunks(forward, merge)
+    o = o / _merge(jnp.where(den == 0, 1.0, den)[..., None])
+    lse = jnp.where(den == 0, -jnp.inf, _safe(m) + jnp.log(den))
     return _from_groups(unflat(o), lay, gp, tq).astype(q.dtype), _lse_to_bht(unflat(lse), tq)
   o, lse, do = bwd
   og = flat(_to_groups(_f32(o), lay, gp, nq, bq))
   dog = flat(_to_groups(_f32(do), lay, gp, nq, bq))
-  lse_g = flat(_lse_from_bht(lse, lay, nq, bq))  # [B*Hm*nq, Hkm, Gp, bq]
+  lse_g = _safe(flat(_lse_from_bht(lse, lay, nq, bq)))  # [B*Hm*nq, Hkm, Gp, bq]
   delta = jnp.sum(_split(og * dog, gp), axis=-1)
-  dor = _split(take(dog, rows), gp)
-  p = jnp.where(allowed, jnp.exp(s - take(_safe(lse_g), rows)[..., None]), 0.0)
-  vc, kc = take(vg, cols), take(kg, cols)
-  dv = seg(jnp.einsum("nhgqk,nhgqd->nhkd", p, dor), cols, n_cols)
-  dp = jnp.einsum("nhgqd,nhkd->nhgqk", dor, vc)
-  ds = _grad_scores(p * (dp - take(delta, rows)[..., None]), raw, cfg)
-  dq = seg(_merge(jnp.einsum("nhgqk,nhkd->nhgqd", ds, kc)), rows, n_rows, True)
-  dk = seg(jnp.einsum("nhgqk,nhgqd->nhkd", ds, _split(take(qg, rows), gp)), cols, n_cols)
+
+  def backward(xs, j):  # one chunk's (dq, dk, dv)
+    rows, cols, s, raw = scores(xs, j)
+    dor = _split(take(dog, rows), gp)
+    p = jnp.exp(s - take(lse_g, rows)[..., None])
+    dv = seg(jnp.einsum("nhgqk,nhgqd->nhkd", p, dor), cols, n_cols)
+    dp = jnp.einsum("nhgqd,nhkd->nhgqk", dor, take(vg, cols))
+    ds = _grad_scores(p * (dp - take(delta, rows)[..., None]), raw, cfg)
+    dq = seg(_merge(jnp.einsum("nhgqk,nhkd->nhgqd", ds, take(kg, cols))), rows, n_rows, True)
+    dk = seg(jnp.einsum("nhgqk,nhgqd->nhkd", ds, _split(take(qg, rows), gp)), cols, n_cols)
+    return dq, dk, dv
+
+  dq, dk, dv = over_chunks(backward, lambda a, c: tuple(x + y for x, y in zip(a, c, strict=True)))
   return (_from_groups(unflat(dq), lay, gp, tq), _kv_grad(unflat(dk), lay, hk, tk),
           _kv_grad(unflat(dv), lay, hk, tk))

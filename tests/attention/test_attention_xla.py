@@ -121,6 +121,20 @@ def test_xla_matches_dense_reference_bf16(name):
   assert o.shape[1] == tq
 
 
+@pytest.mark.parametrize("name", ["causal", "or_and_document", "empty_rows"])
+def test_pairs_in_several_chunks_match_reference(name, monkeypatch):
+  """Sparse mode with the pairs of a slice split into chunks of 4 (query rows whose pairs span
+  chunks, padding pairs, rows without keys): the same forward and gradients."""
+  monkeypatch.setattr(xla, "PAIR_CHUNK", 4)
+  mask, allowed, tq, tk = _case(name)
+  bm = make_block_mask(mask, tq, tk, block_q=16, block_kv=16)
+  assert bm.max_pairs > 2 * xla.PAIR_CHUNK and bm.max_pairs % xla.PAIR_CHUNK
+  o = _compare(mask, allowed, tq, tk, softcap=20.0 if name == "causal" else None,
+               expect_mode="sparse")
+  if name == "empty_rows":
+    assert (np.asarray(o)[0, 20:33] == 0).all() and (np.asarray(o)[1] == 0).all()
+
+
 def test_dense_mode_and_capacity_fallback():
   mask, allowed, tq, tk = _case("document_causal")
   ids = np.asarray(mask.b.q_ids)
