@@ -1,11 +1,8 @@
-"""FP8 activations: saved-for-backward bytes, compiled temp bytes and error per recipe.
+"""FP8 activations: saved-for-backward bytes, compiled temp bytes and error per recipe, of stock
+Flax Linen layers wrapped with `mpxla.nn.quantize` (columns and results: docs/nn.md, "Measured").
+XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false before JAX is imported.
 
-Command: python experiments/fp8_activations.py [--quick]   (4 CPU-minutes; --quick: smaller shapes)
-Models (stock Flax Linen layers wrapped with `mpxla.nn.quantize`): (a) 12 SwiGLU MLP blocks,
-(b) a Llama block (and 4) with injected attention: Flax's `dot_product_attention` (the stock
-baseline) or `mpxla.attention.attention(..., impl='xla')`. Columns and results: docs/nn.md,
-"Measured". XLA_FLAGS gets --xla_cpu_enable_concurrency_optimized_scheduler=false (the
-memory-minimizing schedule accelerators use) before JAX is imported.
+  python experiments/fp8_activations.py [--quick]   (4 CPU-minutes; --quick: smaller shapes)
 """
 
 from __future__ import annotations
@@ -43,8 +40,8 @@ class SwiGLUBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = nn.RMSNorm(dtype=self.dtype, name="norm")(x)
-    gate = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype, name="gate")(h)
-    up = nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype, name="up")(h)
+    gate, up = (nn.Dense(self.d_ff, use_bias=False, dtype=self.dtype, name=n)(h)
+                for n in ("gate", "up"))
     down = nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype,
                     kernel_init=residual_init(self.n_residual), name="down")
     return x + down(jax.nn.silu(gate) * up)
@@ -101,53 +98,45 @@ class Stack(nn.Module):
     return x
 
 
-def activation_bytes(loss, params, x):
-  """(activation bytes, weight-copy bytes) kept for the backward pass."""
-  weight_sizes = {p.size for p in jax.tree.leaves(params) if p.ndim >= 2}
-  saved = [(int(np.prod(aval.shape)), aval.dtype.itemsize)
-           for aval, where in saved_residuals(loss, params, x)
-           if not where.startswith("from the argument")]
-  weights = sum(n * b for n, b in saved if n in weight_sizes)  # (cast or FP8) copies of weights
-  return sum(n * b for n, b in saved) - weights, weights
-
-
-def errors(out, grads, ref_out, ref_grads):
-  """(relative error of the output, minimum cosine similarity of the gradients) vs the ref."""
-  cos = []
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-    g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
-    cos.append(float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r))))
-  return float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out)), min(cos)
-
-
 def run(model, params, x):
-  """(output, gradients, compiled temp bytes of the gradient, activation_bytes) of the mean
-  square loss, the model's other collections (delayed-scaling state) fixed at zeros."""
+  """(output, gradients, compiled temp bytes of the gradient, activation bytes, weight-copy bytes)
+  of the mean square loss, the model's other collections (delayed-scaling state) at zeros; the
+  bytes are those kept for the backward pass (weight copies: the weight-shaped ones)."""
   dtype = jnp.dtype(getattr(model, "module", model).dtype)
   variables = jax.eval_shape(model.init, jax.random.key(0), x.astype(dtype))
   others = {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v)
             for k, v in variables.items() if k != "params"}
   apply = lambda params, x: model.apply({"params": params, **others}, x.astype(dtype))  # noqa: E731
   loss = lambda params, x: jnp.mean(jnp.square(apply(params, x).astype(jnp.float32)))  # noqa: E731
-  out = jax.jit(apply)(params, x).astype(jnp.float32)
   grad = jax.jit(jax.grad(loss)).lower(params, x).compile()
-  return (out, grad(params, x), grad.memory_analysis().temp_size_in_bytes,
-          activation_bytes(loss, params, x))
+  weight_sizes = {p.size for p in jax.tree.leaves(params) if p.ndim >= 2}
+  saved = [(int(np.prod(aval.shape)), aval.dtype.itemsize)
+           for aval, where in saved_residuals(loss, params, x)
+           if not where.startswith("from the argument")]
+  weights = sum(n * b for n, b in saved if n in weight_sizes)  # (cast or FP8) copies of weights
+  return (jax.jit(apply)(params, x).astype(jnp.float32), grad(params, x),
+          grad.memory_analysis().temp_size_in_bytes, sum(n * b for n, b in saved) - weights,
+          weights)
 
 
 def measure(title, rows, params, x, ref):
-  """Prints the table of rows [(label, model)] (the first row is the baseline) vs `ref`."""
+  """Prints the table of rows [(label, model)] (the first row is the baseline) vs `ref`: the
+  output's relative error and the minimum cosine similarity of the gradients."""
   ref_out, ref_grads, *_ = run(ref, params, x)
   print(f"\n{title}\n" + "\n".join(H.table([
       "recipe", "saved (MB)", "saved ratio", "weights (MB)", "temp (MB)", "temp ratio",
       "out rel err", "min grad cos"], [])), flush=True)
   base = None
   for label, model in rows:
-    out, grads, temp, (acts, weights) = run(model, params, x)
-    rel, cos = errors(out, grads, ref_out, ref_grads)
+    out, grads, temp, acts, weights = run(model, params, x)
+    cos = []
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+      g, r = np.asarray(g, np.float64).ravel(), np.asarray(r, np.float64).ravel()
+      cos.append(float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r))))
+    rel = float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out))
     base = base or (acts, temp)
     print(f"| {label} | {acts / 1e6:.2f} | {base[0] / acts:.2f}x | {weights / 1e6:.2f} | "
-          f"{temp / 1e6:.2f} | {base[1] / temp:.2f}x | {rel:.4f} | {cos:.4f} |", flush=True)
+          f"{temp / 1e6:.2f} | {base[1] / temp:.2f}x | {rel:.4f} | {min(cos):.4f} |", flush=True)
 
 
 def main(quick: bool = False):
@@ -169,14 +158,13 @@ def main(quick: bool = False):
   for n in (1, 4):
     make = LlamaBlock if n == 1 else functools.partial(Stack, n=n)
     stock, flash = (make(NH, F, "bfloat16", attn) for attn in (stock_attention, flash_attention))
-    params = stock.init(jax.random.key(1), x)["params"]
     rows = [("bf16 (stock attention)", stock), ("bf16 + mpxla.attention", flash)]
     rows += [(f"{r} + mpxla.attention", mnn.quantize(flash, r))
              for r in ("fp8_linear", "coat", "hif8")]
     rows += [("coat + stock attention", mnn.quantize(stock, "coat"))]
     what = "one Llama block" if n == 1 else f"{n} Llama blocks"
-    measure(f"(b) {what}, x [{B}, {T}, {D}], {NH} heads, d_ff {F}", rows, params, x,
-            make(NH, F, "float32", stock_attention))
+    measure(f"(b) {what}, x [{B}, {T}, {D}], {NH} heads, d_ff {F}", rows,
+            stock.init(jax.random.key(1), x)["params"], x, make(NH, F, "float32", stock_attention))
 
 
 if __name__ == "__main__":

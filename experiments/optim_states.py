@@ -1,10 +1,8 @@
 """Benchmark of FP8-compressed AdamW states on a GPT-shaped pytree (~110M parameters).
 
-Prints, for optax.adamw and mpxla.optim.adamw_fp8 (stochastic and nearest rounding): state bytes
-per parameter (COAT's layout for comparison), the update's compiled temp bytes and median wall/CPU
-time (also with the state donated), the codec's error ratios against plain per-group E4M3, and
-optionally the codec's pieces per element (--breakdown) and the EMA stall case (--stall); the
-tables and their reading are in docs/optim.md. XLA_FLAGS gets
+optax.adamw vs mpxla.optim.adamw_fp8 (stochastic and nearest rounding): state bytes, the update's
+temp bytes and time, codec errors; --breakdown: the codec's pieces, --stall: the EMA stall case.
+Tables and their reading: docs/optim.md. XLA_FLAGS gets
 --xla_cpu_enable_concurrency_optimized_scheduler=false before jax is imported.
 
   .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
@@ -15,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import shlex
 import sys
@@ -73,11 +72,9 @@ def _median_times(fns: dict, args: dict, warmup: int, iters: int, donated: bool 
 
 
 def _codec_costs(rows: int = 16384, iters: int = 7) -> list[tuple[str, float, float]]:
-  """(piece, wall ns, CPU ns) per element of one (rows, 1024) leaf, median of iters runs.
-
-  Each piece ends in a 1-byte output (a compare, or the codes), so the figures are the
-  arithmetic and the reads, not the page faults of a fresh float32 output buffer.
-  """
+  """(piece, wall ns, CPU ns) per element of one (rows, 1024) leaf, median of iters runs. Each
+  piece ends in a 1-byte output (a compare, or the codes), so the figures are the arithmetic and
+  the reads, not the page faults of a fresh float32 output buffer."""
   cfg = codec.LeafConfig()
   x = 0.01 * jax.random.normal(jax.random.key(0), (rows, 1024))
   enc = jax.jit(lambda a: codec.encode_leaf(a, cfg))(x)
@@ -97,17 +94,11 @@ def _codec_costs(rows: int = 16384, iters: int = 7) -> list[tuple[str, float, fl
 
 
 def _stall(steps: int = 300, b2: float = 0.99) -> list[tuple[str, float, float, float]]:
-  """The EMA stall: (rounding, mean, standard error, RMS) of the relative error after `steps`.
-
-  A (64, 128) second moment (scale_by_rms, decay b2) whose groups span 5 decades (k <= 1):
-  column 0 holds the group max 1 and column 1 the min 1e-5, both with g^2 = v (they stay
-  put, and so do k and amax); the others start at v0 in [1e-5, 0.4] with g^2 = 2 v0, so
-  v <- b2 v + (1 - b2) g^2 changes by at most 1% per step, below 2^-5 and below half an
-  E4M3 step at k <= 1. Errors are against the float64 EMA from the same decoded start.
-  """
+  """The EMA stall case of docs/optim.md ("Stochastic rounding and the EMA stall"): (rounding,
+  mean, standard error, RMS) of the relative error after `steps` vs the float64 EMA."""
   rng = np.random.default_rng(3)
   v0 = 10.0 ** rng.uniform(-5.0, np.log10(0.4), (64, 128))
-  v0[:, 0], v0[:, 1] = 1.0, 1e-5
+  v0[:, 0], v0[:, 1] = 1.0, 1e-5  # each group's max and min, with g^2 = v: they stay put
   g2 = 2.0 * v0
   g2[:, :2] = v0[:, :2]
   g = np.sqrt(g2).astype(np.float32)
@@ -185,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
   params = jax.tree.unflatten(treedef, [0.02 * jax.random.normal(
       jax.random.fold_in(jax.random.key(0), i), s) for i, s in enumerate(leaves)])
   grads = jax.tree.map(lambda p: 0.1 * p + 1e-3 * jnp.sign(p), params)
-  sizes = [p.size for p in jax.tree.leaves(params)]
-  n, largest = sum(sizes), max(sizes)
+  n, largest = sum(map(math.prod, leaves)), max(map(math.prod, leaves))
   print(f"GPT pytree: {args.layers} layers, d={args.d_model}, vocab={args.vocab}, ctx={args.ctx}, "
         f"bias={args.bias}: {len(leaves)} leaves, {n:,} parameters, largest leaf {largest:,}")
 
@@ -223,15 +213,12 @@ def main(argv: list[str] | None = None) -> None:
                             {n: (grads, jax.jit(o.init)(params), params) for n, o in opts.items()},
                             args.warmup, args.iters, donated=True)
     ref, dref = med["optax.adamw"], donated["optax.adamw"]
-    rows = []
-    for name, (w, c) in med.items():
-      dw, dc = donated[name]
-      rows.append([name, f"{w * 1e3:.1f} ms", f"{w / ref[0]:.2f}x", f"{c * 1e3:.0f} ms",
-                   f"{c / ref[1]:.2f}x", f"{dw * 1e3:.1f} ms", f"{dw / dref[0]:.2f}x",
-                   f"{dc * 1e3:.0f} ms", f"{dc / dref[1]:.2f}x"])
+    cells = lambda t, r: [f"{t[0] * 1e3:.1f} ms", f"{t[0] / r[0]:.2f}x",  # noqa: E731
+                          f"{t[1] * 1e3:.0f} ms", f"{t[1] / r[1]:.2f}x"]
     print_table([
         "update (jit)", f"wall time (median of {args.iters} after {args.warmup} warm-up)", "ratio",
-        "CPU time (all threads)", "ratio", "state donated: wall", "ratio", "CPU", "ratio"], rows)
+        "CPU time (all threads)", "ratio", "state donated: wall", "ratio", "CPU", "ratio"],
+        [[name, *cells(med[name], ref), *cells(donated[name], dref)] for name in med])
     fp8 = donated["mpxla adamw_fp8"]
     print(f"(per parameter, state donated: optax.adamw {dref[0] / n * 1e9:.2f} ns wall, "
           f"{dref[1] / n * 1e9:.2f} ns CPU; adamw_fp8 {fp8[0] / n * 1e9:.2f} ns wall, "

@@ -34,19 +34,10 @@ COLORS = {"bf16": "black", "fp8_linear": "tab:blue", "coat": "tab:red", "hif8": 
           "bf16_sr": "tab:gray", "coat_sr": "tab:purple"}
 
 
-def _subprocess_env() -> dict[str, str]:
-  """One CPU device per run (drops a forced host device count inherited from tests)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(H.ROOT), env.get("PYTHONPATH", "")) if p)
-  return env
-
-
 def train_one(recipe: str, seed: int, workdir: pathlib.Path, s: dict[str, Any], reuse: bool = False,
-              in_process: bool = False, timeout: float = 3600.0) -> dict[str, Any]:
+              in_process: bool = False) -> dict[str, Any]:
   """Trains one run (fresh workdir unless `reuse` and it finished) -> its record: a subprocess
-  (`python -m mpxla.train ...`), or with in_process=True the same config and Trainer here."""
+  (`python -m mpxla.train ...`, one CPU device), or with in_process=True the same config here."""
   overrides = {"seed": seed, **H.schedule(s["steps"]), "eval_every": s["eval_every"],
                "eval_batches": s["eval_batches"], **H.flatten(s["overrides"] or {})}
   cmd = [sys.executable, "-m", "mpxla.train", f"--config={CONFIG}:{recipe}",
@@ -64,9 +55,12 @@ def train_one(recipe: str, seed: int, workdir: pathlib.Path, s: dict[str, Any], 
 
         with contextlib.redirect_stdout(log):
           Trainer(H.trainer_config(f"{CONFIG}:{recipe}", overrides), workdir).run()
-      else:
-        returncode = subprocess.run(cmd, cwd=H.ROOT, env=_subprocess_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, timeout=timeout).returncode
+      else:  # without a forced host device count inherited from tests
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+        returncode = subprocess.run(cmd, cwd=H.ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=3600).returncode
     if returncode != 0:
       tail = (workdir / "log.txt").read_text()[-3000:]
       raise RuntimeError(f"run {recipe} seed {seed} failed (exit {returncode}):\n{tail}")
@@ -134,10 +128,9 @@ def aggregate(runs: list[dict[str, Any]], recipes, seeds) -> dict[str, Any]:
 def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
         recipes=None, eval_every: int | None = None, reuse: bool = False,
         command: str | None = None) -> dict[str, Any]:
-  """Trains every (recipe, seed), dumps seed-0 moments, writes out_dir/results.json.
-
-  reuse keeps finished runs; their wall times come from their workdir or the last results.
-  """
+  """Trains every (recipe, seed) and the longer runs, dumps seed-0 moments, writes
+  out_dir/results.json; reuse keeps finished runs (wall times: their workdir's or the last
+  results')."""
   out_dir, s, start = H.begin(NAME, quick, out_dir, steps=steps, seeds=seeds, recipes=recipes,
                               eval_every=eval_every)
   H.check_choice("recipes", s["recipes"], RECIPES)
@@ -183,27 +176,23 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None,
 
 
 def plot(res: dict[str, Any], path: pathlib.Path, long: bool = False) -> None:
-  """Validation loss per recipe (left) and its % gap per step (right) to bf16's mean over seeds;
-  long: of the longer run (one seed), the gap to its first recipe."""
+  """Validation loss per recipe (left, band: min..max over seeds) and its % gap per step to the
+  base's mean (right): bf16, or for the longer run (one seed) its first recipe."""
   if long:
-    recipes, runs, base = res["long"]["recipes"], res["long"]["runs"], res["long"]["recipes"][0]
+    recipes, runs = res["long"]["recipes"], res["long"]["runs"]
   else:
     recipes = [r for r in res["recipes"] if r not in res.get("no_master", ())]
-    runs, base = [x for x in res["runs"] if x["recipe"] in recipes], "bf16"
+    runs = [x for x in res["runs"] if x["recipe"] in recipes]
+  base = recipes[0] if long else "bf16"
   steps = {x["recipe"]: [s for s, _ in x["val"]] for x in runs[::-1]}  # the first run's
   ys = {r: np.array([[v for _, v in x["val"]] for x in runs if x["recipe"] == r], np.float64)
         for r in recipes}
   fig, (ax, ax2) = H.pyplot().subplots(1, 2, figsize=(11, 4.2))
   for r, y in ys.items():
-    gap = 100.0 * (y / ys[base].mean(0) - 1.0) if base in ys else None
-    if long:
-      ax.plot(steps[r], y[0], color=COLORS.get(r), label=r)
-      if r != base:
-        ax2.plot(steps[r], gap[0], color=COLORS.get(r), marker="o", ms=3, label=f"{r} vs {base}")
-    else:
-      H.band(ax, steps[r], y, COLORS.get(r), f"{r} ({y.shape[0]} seeds)")
-      if gap is not None:
-        H.band(ax2, steps[r], gap, COLORS.get(r), r, alpha=0.12)
+    H.band(ax, steps[r], y, COLORS.get(r), r if long else f"{r} ({y.shape[0]} seeds)")
+    if base in ys and not (long and r == base):
+      H.band(ax2, steps[r], 100.0 * (y / ys[base].mean(0) - 1.0), COLORS.get(r),
+             f"{r} vs {base}" if long else r, alpha=0.12, marker="o" if long else None, ms=3)
   top = (ys[base][0, max(0, min(1, ys[base].shape[1] - 2))] if long
          else max(x["val"][min(1, len(x["val"]) - 1)][1] for x in runs))  # 2nd evaluation
   ax.set_ylim(min(y.min() for y in ys.values()) - 0.05, top + 0.05)
@@ -232,7 +221,7 @@ def _pct(p: dict[str, float] | None, std: bool = True) -> str:
 def render(out_dir: pathlib.Path) -> str:
   out_dir, res = H.load(out_dir)
   plot(res, out_dir / "parity_val_loss.png")
-  t = res["table"]
+  t, pair = res["table"], lambda r, base: paired(res["runs"], res["seeds"], r, base)  # noqa: E731
   train_wall = [r["process_wall_s"] for r in res["runs"]]
   wall = (f"{sum(train_wall) / 60:.0f} min of training processes" if all(train_wall)
           else f"{res['wall_time_s'] / 60:.0f} min, reusing finished runs")
@@ -265,62 +254,50 @@ def render(out_dir: pathlib.Path) -> str:
         f"leaves, {m['elements_per_moment']:,} elements per moment)" for m in res["moments"])
               + ".", ""]
   lines += [H.prose(NAME, "reading", res["quick"]), ""]
-  if res.get("no_master"):
-    lines += _no_master_markdown(res, out_dir)
-  return "\n".join(lines).rstrip() + "\n"
-
-
-def _no_master_markdown(res: dict[str, Any], out_dir: pathlib.Path) -> list[str]:
-  """The table of the recipes without float32 master weights and the longer run."""
-  t, pair = res["table"], lambda r, base: _pct(paired(res["runs"], res["seeds"], r, base))
-  lines = ["**Without float32 master weights** (`bf16_sr`, `coat_sr`: the parameters are stored "
-           "in BF16 only and updated by stochastic rounding of p + u), the same seeds, steps and "
-           "validation batches as above; % paired by seed (mean ± std over seeds, min .. max):",
-           ""]
-  lines += H.table(["recipe", "final val loss, mean", "std", "vs bf16, paired by seed",
-                    "vs its float32-master counterpart, paired", "final train loss, mean"], [
-      [f"`{r}`", f"{t[r]['final_val_loss']['mean']:.4f}", f"{t[r]['final_val_loss']['std']:.4f}",
-       pair(r, "bf16"), f"vs `{COUNTERPART[r]}`: " + pair(r, COUNTERPART[r]) if r in COUNTERPART
-       else "—", f"{t[r]['final_train_loss']['mean']:.4f}"] for r in res["no_master"] if r in t])
+  if not res.get("no_master"):
+    return "\n".join(lines).rstrip() + "\n"
+  # The recipes without float32 master weights, and the longer run.
+  lines += [H.prose(NAME, "no_master_intro"), ""] + H.table(
+      ["recipe", "final val loss, mean", "std", "vs bf16, paired by seed",
+       "vs its float32-master counterpart, paired", "final train loss, mean"],
+      [[f"`{r}`", *(f"{t[r]['final_val_loss'][k]:.4f}" for k in ("mean", "std")),
+        _pct(pair(r, "bf16")), f"vs `{COUNTERPART[r]}`: " + _pct(pair(r, COUNTERPART[r]))
+        if r in COUNTERPART else "—", f"{t[r]['final_train_loss']['mean']:.4f}"]
+       for r in res["no_master"] if r in t])
   long = res.get("long")
-  if not long:
-    return lines + [""]
-  runs = {x["recipe"]: x for x in long["runs"]}
-  val = {r: dict(x["val"]) for r, x in runs.items()}
-  base, other = long["recipes"][0], long["recipes"][-1]
-  plot(res, out_dir / "parity_long.png", long=True)
-  lines += ["", f"**Longer run**: `{base}` and `{other}`, seed {long['seed']}, "
-            f"{long['steps']} steps ({long['steps'] // res['steps']}x; warmup and cosine stretched "
-            f"to them), validation every {long['eval_every']} steps on the same batches:", "",
-            "![longer run](parity_long.png)", ""]
-  lines += H.table(["step", f"`{base}` val loss", f"`{other}` val loss", f"`{other}` vs `{base}`"],
-                   [[st, f"{val[base][st]:.4f}", f"{val[other][st]:.4f}",
-                     f"{100.0 * (val[other][st] / val[base][st] - 1.0):+.2f}%"]
-                    for st, _ in runs[base]["val"] if st % (long["steps"] // 6) == 0])
-  p, b = paired(res["runs"], res["seeds"], other, base), t[base]["final_val_loss"]
-  lines += ["", "Final train loss: " + ", ".join(
-      f"`{r}` {runs[r]['final_train_loss']:.4f}" for r in long["recipes"]) + "; for scale, the "
-      f"seed-to-seed std of `{other}` vs `{base}` at {res['steps']} steps (paired) is "
-      + (f"{p['std']:.2f}%" if p else "—") + f", that of `{base}` alone "
-      f"{100 * b['std'] / b['mean']:.2f}% of its mean.", "", H.prose(NAME, "no_master")]
-  return lines
+  if long:
+    val = {x["recipe"]: dict(x["val"]) for x in long["runs"]}
+    base, other = long["recipes"][0], long["recipes"][-1]
+    p, b = pair(other, base), t[base]["final_val_loss"]
+    plot(res, out_dir / "parity_long.png", long=True)
+    lines += ["", f"**Longer run**: `{base}` and `{other}`, seed {long['seed']}, "
+              f"{long['steps']} steps ({long['steps'] // res['steps']}x; warmup and cosine "
+              f"stretched to them), validation every {long['eval_every']} steps on the same "
+              "batches:", "", "![longer run](parity_long.png)", ""]
+    lines += H.table(["step"] + [f"`{r}` val loss" for r in (base, other)]
+                     + [f"`{other}` vs `{base}`"],
+                     [[st, f"{val[base][st]:.4f}", f"{val[other][st]:.4f}",
+                       f"{100.0 * (val[other][st] / val[base][st] - 1.0):+.2f}%"]
+                      for st in val[base] if st % (long["steps"] // 6) == 0])
+    lines += ["", "Final train loss: " + ", ".join(
+        f"`{x['recipe']}` {x['final_train_loss']:.4f}" for x in long["runs"]) + "; for scale, "
+        f"the seed-to-seed std of `{other}` vs `{base}` at {res['steps']} steps (paired) is "
+        + (f"{p['std']:.2f}%" if p else "—") + f", that of `{base}` alone "
+        f"{100 * b['std'] / b['mean']:.2f}% of its mean.", "", H.prose(NAME, "no_master")]
+  return "\n".join(lines + [""]).rstrip() + "\n"
 
 
 def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
   res = H.load(out_dir)[1]
-  t = res["table"]
-  if "coat" not in t or "bf16" not in t:
-    return {}
-  label = (f"Final validation loss, bf16 -> coat ({len(res['seeds'])} seeds, {res['steps']} "
-           f"steps; goal within {res['goal_pct']:g}%)")
-  out = {}
+  t, out = res["table"], {}
   for r, note in (("coat", ""), ("coat_sr", " (no float32 master weights)")):
-    if r in t:
-      out[label.replace("-> coat", f"-> {r}{note}")] = (
+    if r in t and "bf16" in t:
+      out[f"Final validation loss, bf16 -> {r}{note} ({len(res['seeds'])} seeds, "
+          f"{res['steps']} steps; goal within {res['goal_pct']:g}%)"] = (
           f"{t['bf16']['final_val_loss']['mean']:.4f} -> {t[r]['final_val_loss']['mean']:.4f} "
           f"({t[r]['rel_to_bf16_pct']:+.2f}%)")
-  return out
+  return out if "coat" in t else {}
 
 
 def main(argv: list[str] | None = None) -> None:

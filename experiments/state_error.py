@@ -76,15 +76,11 @@ def _codec(fmt: str, expansion: bool):
 
 
 def roundtrip(tree: dict[str, Any], fmt: str, expansion: bool):
-  """(decoded tree, k16 tree or None, amax tree) of `tree` through mpxla.optim compress/decompress;
-  k16 and amax hold each leaf's groups as (rows, groups per row).
-
-  HIF8_SCALED scale each group's amax to HIF8.scale_target = 15 (the top of HiF8's 3-mantissa-bit
-  band), not to HiF8's max 2^15: 'hif8_s15' keeps the codec's policies (nonzero stays nonzero),
-  'hif8_q15' is mpxla.quant's per-group quantize/dequantize (tiny values flush to zero); no k16,
-  amax. The rows of all leaves of one last-axis length are compressed as one 2-D array: groups
-  never cross rows, so the codes are those of each leaf's own, with far fewer leaves to compile.
-  """
+  """(decoded tree, k16 tree or None, amax tree) of `tree` through mpxla.optim's compress and
+  decompress; HIF8_SCALED: per-group HiF8 with amax -> 15 (no k16, amax; see LABEL). k16 and amax
+  hold each leaf's groups as (rows, groups per row). The rows of all leaves of one last-axis
+  length are compressed as one 2-D array: groups never cross rows, so the codes are each leaf's
+  own, with far fewer leaves to compile."""
   from mpxla import optim  # pylint: disable=import-outside-toplevel
 
   if fmt in HIF8_SCALED and expansion:
@@ -196,10 +192,10 @@ def run(out_dir: pathlib.Path, quick: bool = False, *, parity: pathlib.Path | No
   mu, nu = ({k[3:]: a for k, a in arrays.items() if k.startswith(f)} for f in ("mu/", "nu/"))
   if not mu or set(mu) != set(nu):
     raise ValueError(f"{info['source']}: expected matching 'mu/<path>' and 'nu/<path>' arrays.")
-  res = error_table(mu, nu)
-  res.update({"name": NAME, "quick": quick, "input": info, "group_size": GROUP_SIZE})
-  return H.save(out_dir, {**res, **H.metadata(start, command or (
-      f"python experiments/state_error.py --out {out_dir}" + (" --quick" if quick else "")))})
+  return H.save(out_dir, {
+      **error_table(mu, nu), "name": NAME, "quick": quick, "input": info,
+      "group_size": GROUP_SIZE, **H.metadata(start, command or (
+          f"python experiments/state_error.py --out {out_dir}" + (" --quick" if quick else "")))})
 
 
 def plot_k(res: dict[str, Any], path: pathlib.Path) -> None:
@@ -239,21 +235,17 @@ def render(out_dir: pathlib.Path) -> str:
         ["m format", "v format"] + [f"expansion: {c}" for c in EXPANSIONS],
         [[LABEL[fm], LABEL[fv], *(bold(x, xs) for x in xs)] for (fm, fv), xs in vals.items()])
     lines += [""]
-  lines += ["**Each moment alone**: normalized MSE = sum((x_q-x)^2)/sum(x^2), mean |relative "
-            "error| over the nonzero elements, and how many nonzero elements decode to 0.", ""]
-  lines += H.table(["moment", "format", "expansion", "normalized MSE", "mean abs rel. error",
-                    "nonzero -> 0"], [
-      [r["moment"], LABEL[r["fmt"]], "yes" if r["expansion"] else "no", f"{r['nmse']:.3g}",
-       f"{r['mean_abs_rel_err']:.3g}", f"{r['zeroed']:,}"] for r in res["per_moment"]])
+  lines += [H.prose(NAME, "per_moment"), ""] + H.table(
+      ["moment", "format", "expansion", "normalized MSE", "mean abs rel. error", "nonzero -> 0"],
+      [[r["moment"], LABEL[r["fmt"]], "yes" if r["expansion"] else "no", f"{r['nmse']:.3g}",
+        f"{r['mean_abs_rel_err']:.3g}", f"{r['zeroed']:,}"] for r in res["per_moment"]])
   if res.get("extra_cells"):
     name = lambda var: LABEL[var[0]] + (" + expansion" if var[1] else "")  # noqa: E731
     lines += ["", H.prose(NAME, "hif8"), ""] + H.table(
         ["m", "v", "normalized MSE", "absolute MSE"],
         [[name(e["m"]), name(e["v"]), f"{e['nmse']:.4g}", f"{e['mse']:.4g}"]
          for e in res["extra_cells"]])
-  lines += ["", "![expansion exponent k](state_error_k.png)", "",
-            "**Expansion exponent k** over groups (all-zero groups excluded; k is capped at "
-            "255/16 = 15.94 when a group's range is tiny):", ""]
+  lines += ["", "![expansion exponent k](state_error_k.png)", "", H.prose(NAME, "k"), ""]
   lines += H.table(
       ["moment", "format", "groups", "mean"] + [f"q{q * 100:g}" for q in K_QUANTILES] + ["at cap"],
       [[key.split("/")[0], LABEL[key.split("/")[1]], f"{s['groups'] - s['zero_groups']:,}",
@@ -269,12 +261,12 @@ def headline(out_dir: pathlib.Path) -> dict[str, str]:
   res = H.load(out_dir)[1]
   if not {"e4m3", "hif8"} <= {c["fmt_m"] for c in res["cells"]}:
     return {}
-  c = lambda fm, fv, e: cell(res, fm, fv, e)["nmse"]  # noqa: E731
+  c = lambda fm, fv, e: f"{cell(res, fm, fv, e)['nmse']:.3g}"  # noqa: E731
   return {
       "Normalized MSE of m/sqrt(v), E4M3/E4M3 without -> with expansion (COAT: 20.10 -> 12.31)":
-          f"{c('e4m3', 'e4m3', 'none'):.3g} -> {c('e4m3', 'e4m3', 'both'):.3g}",
+          f"{c('e4m3', 'e4m3', 'none')} -> {c('e4m3', 'e4m3', 'both')}",
       "HiF8/HiF8 without expansion vs E4M3/E4M3 with it":
-          f"{c('hif8', 'hif8', 'none'):.3g} vs {c('e4m3', 'e4m3', 'both'):.3g}"}
+          f"{c('hif8', 'hif8', 'none')} vs {c('e4m3', 'e4m3', 'both')}"}
 
 
 def main(argv: list[str] | None = None) -> None:
