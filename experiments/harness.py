@@ -1,23 +1,15 @@
-"""The shared harness of the experiment scripts (a sibling module: `import harness as H`).
-
-* `cli`: the command line (`--out DIR`, `--quick` and a script's own flags) and the environment
-  set before JAX is imported (XLA_FLAGS with the simulated device count, JAX_PLATFORMS=cpu);
-* `settings`: a section's settings from `configs/experiments/<name>.py:quick|full`;
-* `trainer_config`: a trainer config with dotted overrides; `sweep`: every run of a grid;
-  `restore`: a trainer workdir's latest checkpoint; `param_leaves`: a config's parameter shapes;
-* `metadata`, `save`, `load`: the run's metadata (timings, versions, git state, source hash) and
-  its results.json;
-* `table`, `band`, `style`, `save_figure`: markdown tables and plots;
-* `prose`: hand-written text of docs/results.md from docs/results_prose.md.
-
-experiments/ is on sys.path when a script runs (`python experiments/NAME.py`), under
-experiments/report.py, and in tests/experiments (its conftest).
+"""The shared harness of the experiment scripts (`import harness as H`: experiments/ is on
+sys.path under `python experiments/NAME.py`, experiments/report.py and tests/experiments): the
+command line and XLA environment, settings (configs/experiments/<name>.py), trainer configs and
+checkpoints, the run's metadata and results.json, markdown tables, plots, and the hand-written
+text of docs/results.md (docs/results_prose.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -40,9 +32,6 @@ QUICK_NOTE = ("*Quick mode: a miniature run; its numbers only show that the pipe
               "text below describes the saved full run).*")
 
 
-# --- command line and environment ------------------------------------------------------------
-
-
 def ints(text: str) -> tuple[int, ...]:
   return tuple(int(x) for x in text.split(","))
 
@@ -52,9 +41,9 @@ def strs(text: str) -> tuple[str, ...]:
 
 
 def cli(doc: str, name: str, argv=None, *, script: str | None = None, devices: int | None = None,
-        flags=(), options=(), drop=()) -> tuple[argparse.Namespace, str]:
+        options=(), drop=()) -> tuple[argparse.Namespace, str]:
   """Parses `--out DIR --quick` and `options` ((flag, argparse kwargs), ...), then sets the
-  environment for JAX: `devices` simulated CPU devices and `flags` in XLA_FLAGS, JAX_PLATFORMS=cpu.
+  environment for JAX: `devices` simulated CPU devices in XLA_FLAGS, JAX_PLATFORMS=cpu.
 
   Returns (args, the command as run: `python experiments/<script> ARGS`, without flags in drop).
   """
@@ -64,14 +53,15 @@ def cli(doc: str, name: str, argv=None, *, script: str | None = None, devices: i
   for flag, kwargs in options:
     parser.add_argument(flag, **kwargs)
   args = parser.parse_args(argv)
-  set_xla_flags(devices, *flags)
+  set_xla_flags(devices)
   argv = sys.argv[1:] if argv is None else argv
   return args, shlex.join(["python", f"experiments/{script or name + '.py'}",
                            *[a for a in argv if a not in drop]])
 
 
 def set_xla_flags(devices: int | None = None, *flags: str) -> None:
-  """Adds `flags` (and a simulated CPU device count) to XLA_FLAGS; must run before JAX starts."""
+  """Adds `flags` (and a simulated CPU device count) to XLA_FLAGS; must run before JAX starts.
+  Also makes mpxla importable (PYTHONPATH, an installed package, else this checkout)."""
   if "jax" in sys.modules and (devices or flags):
     raise RuntimeError("XLA_FLAGS must be set before jax is imported (XLA reads them once).")
   old = os.environ.get("XLA_FLAGS", "").split()
@@ -80,35 +70,8 @@ def set_xla_flags(devices: int | None = None, *flags: str) -> None:
     flags = (f"--xla_force_host_platform_device_count={devices}", *flags)
   os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(old + list(flags)))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  importable()
-
-
-def importable() -> None:
-  """mpxla importable (PYTHONPATH, an installed package, else this checkout)."""
   if importlib.util.find_spec("mpxla") is None:
     sys.path.append(str(ROOT))
-
-
-def require_devices(script: str, n: int) -> None:
-  """Raises RuntimeError naming the fix unless jax sees exactly n devices."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  if jax.device_count() != n:
-    raise RuntimeError(
-        f"{script} needs {n} devices, found {jax.device_count()}: run it as a script "
-        f"(main() sets XLA_FLAGS=--xla_force_host_platform_device_count={n}) or set that "
-        "flag before importing jax.")
-
-
-# --- settings and runs -------------------------------------------------------------------------
-
-
-def config_module(path: str | pathlib.Path):
-  """The module of a config file (path relative to the repository root)."""
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def settings(name: str, quick: bool, **given) -> dict[str, Any]:
@@ -116,7 +79,10 @@ def settings(name: str, quick: bool, **given) -> dict[str, Any]:
 
   `steps` also sets `eval_every` to steps // evals (evals: the config's number of evaluations).
   """
-  s = config_module(f"configs/experiments/{name}.py").get_config("quick" if quick else "full")
+  spec = importlib.util.spec_from_file_location(name, ROOT / f"configs/experiments/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  s = module.get_config("quick" if quick else "full")
   s = s.to_dict() if hasattr(s, "to_dict") else dict(s)
   if given.get("steps") and "evals" in s:
     s["eval_every"] = max(1, given["steps"] // s["evals"])
@@ -135,7 +101,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def begin(name: str, quick: bool, out_dir, devices: int | None = None, **given):
   """(out_dir as a Path, the settings, the clock) of a run; checks the device count first."""
   if devices:
-    require_devices(name, devices)
+    import jax
+
+    if jax.device_count() != devices:
+      raise RuntimeError(
+          f"{name} needs {devices} devices, found {jax.device_count()}: run it as a script "
+          f"(main() sets XLA_FLAGS=--xla_force_host_platform_device_count={devices}) or set "
+          "that flag before importing jax.")
   return pathlib.Path(out_dir), settings(name, quick, **given), clock()
 
 
@@ -146,8 +118,8 @@ def check_choice(kind: str, values, allowed) -> None:
 
 
 def trainer_config(spec: str, *overrides: dict[str, Any]):
-  """mpxla.train's config of `spec` (path[:variant]) with overrides, nested or dotted ('optim.lr')."""
-  from mpxla.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  """mpxla.train's config of `spec` (path[:variant]) with overrides, nested or dotted (optim.lr)."""
+  from mpxla.train import config as config_lib
 
   c = config_lib.load(str(ROOT / spec))
   with c.unlocked():
@@ -173,10 +145,10 @@ def restore(workdir, trainer=None, one_device: bool = False):
   """(trainer, step, state) of the latest checkpoint of a trainer workdir that reads and verifies
   (Trainer.abstract_state, Checkpointer.restore_latest); the trainer is built from the workdir's
   config.json unless given, with one_device on whatever devices this process has."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  import ml_collections
 
-  from mpxla.train import checkpoint  # pylint: disable=import-outside-toplevel
-  from mpxla.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from mpxla.train import checkpoint
+  from mpxla.train.trainer import Trainer
 
   workdir = pathlib.Path(workdir)
   if trainer is None:
@@ -196,9 +168,9 @@ def restore(workdir, trainer=None, one_device: bool = False):
 
 def param_leaves(config) -> list[tuple[tuple, Any]]:
   """[(key path, ShapeDtypeStruct)] of the parameters of a trainer config's model (no compute)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
-  from mpxla.train.tasks import make_task  # pylint: disable=import-outside-toplevel
+  from mpxla.train.tasks import make_task
 
   task = make_task(config)
   batch = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), task.dummy_batch(1))
@@ -229,10 +201,11 @@ def clock() -> tuple[float, float]:
 
 def metadata(start: tuple[float, float], command: str, **extra) -> dict[str, Any]:
   """The run's command, versions, date, wall and CPU seconds since `start`, git state, source."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   return {"command": command, "jax_version": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "cpu_count": os.cpu_count(),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "wall_time_s": round(time.time() - start[0], 1),
           "cpu_time_s": round(time.process_time() - start[1], 1), "git": git_state(),
           "source_hash": source_hash(), **extra}
@@ -254,8 +227,6 @@ def git_state() -> dict[str, Any]:
 
 def source_hash(src: pathlib.Path = ROOT, *extra: str) -> str:
   """sha256 (12 hex digits) of src/mpxla/**/*.py and the files `extra` (paths under ROOT)."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-
   h = hashlib.sha256()
   for path in sorted((src / "mpxla").rglob("*.py")):
     h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
@@ -282,9 +253,6 @@ def show(path) -> str:
   return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-# --- markdown and plots ------------------------------------------------------------------------
-
-
 def table(header, rows, rule: str | None = None) -> list[str]:
   """A markdown table: header cells, rows of cells, and the rule row (default |---| per cell)."""
   line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
@@ -305,10 +273,10 @@ def pm(st: dict[str, float], fmt: str = ".4f", spread: bool = False) -> str:
 
 def pyplot():
   """matplotlib.pyplot on the Agg backend."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
 
   return plt
 
@@ -338,9 +306,6 @@ def save_figure(fig, path, dpi: int = 90, rect=None) -> None:
   fig.tight_layout(**({} if rect is None else {"rect": rect}))
   fig.savefig(path, dpi=dpi)
   pyplot().close(fig)
-
-
-# --- hand-written text -------------------------------------------------------------------------
 
 
 def prose(name: str, slot: str, quick: bool = False) -> str:

@@ -5,39 +5,26 @@ Llama-2-7B on one device. Settings: configs/experiments/memory.py. Commands (rep
   python experiments/memory.py --config=configs/llama_memory.py:1b --recipe=coat --json
       [--mesh=fsdp=8] [--batch=N (sequences per device)] [--explain]
 
-One measurement builds `mpxla.train.Trainer(config)` (the model wrapped by the recipe, the
-optimizer, FSDP shardings), compiles its train step with abstract inputs only (nothing is
-allocated) for the simulated CPU devices, and reads XLA's buffer assignment under the
-memory-minimizing schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`): bytes
-per device as `mpxla.train.monitor.memory_breakdown` defines them (params, grads, optimizer,
-activations, peak, other), and the bytes all-gathered per step. --explain (always in the
-section run) lists what is live at the peak, by producer (`monitor.peak_composition`).
-
-The largest batch in a budget (`largest_batch`): peak is close to affine in the per-device batch
-b; from the table's compile at b0, a first guess takes all of `activations` to grow with b, is
-compiled, the line through the two points nearest the budget is solved for the budget, and the
-answer is verified by compiling until the largest fitting b and a non-fitting b + 1 are known.
-The single-device table (`_extrapolate`) compiles the model with fewer layers (e.g. `7b@2` and
-`7b@4`, at 1 and 2 sequences) and extrapolates to all its layers, affine in layers and batch.
-
-main() sets XLA_FLAGS before JAX is imported: the simulated device count, the memory-minimizing
-scheduler, and a fast LLVM backend (`--xla_backend_optimization_level=0`,
-`--xla_llvm_disable_expensive_passes=true`: code generation only; buffer assignment happens
-before it, and the byte counts were checked to be identical with and without them).
+One measurement compiles `mpxla.train.Trainer(config)`'s train step for simulated CPU devices
+with abstract inputs only (`Trainer.aot`); --explain (always in the section run) adds what is live
+at the peak (`monitor.peak_composition`). The method: docs/results.md, section 1.
 """
 
 from __future__ import annotations
 
-import argparse
+import concurrent.futures
 import json
 import math
 import os
 import pathlib
 import re
+import resource
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,14 +33,13 @@ import harness as H
 
 NAME = "memory"
 TITLE = "1. Memory breakdown (AOT, 8-device FSDP)"
-
-ROOT = H.ROOT
 CONFIG = "configs/llama_memory.py"
 RECIPES = ("bf16", "fp8_linear", "coat", "hif8", "bf16_sr", "coat_sr")
+AXES = ("data", "fsdp", "tensor", "expert")
 DEVICES = 8
 FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",  # memory-minimizing schedule
-         "--xla_backend_optimization_level=0",  # LLVM code generation only: same buffers, faster
-         "--xla_llvm_disable_expensive_passes=true")
+         # LLVM code generation only: buffer assignment comes before it (same bytes, checked)
+         "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
 
@@ -62,31 +48,22 @@ def setup_env(devices: int, dump_dir: pathlib.Path | None = None) -> None:
   buffer live-range dumps of the train step. Must run before JAX is imported."""
   os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                                      if not f.startswith("--xla_dump_to="))
-  dump = [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_module_re=.*train_step.*"] if dump_dir else []
-  H.set_xla_flags(devices, *FLAGS, *dump)
+  dump = (f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_module_re=.*train_step.*")
+  H.set_xla_flags(devices, *FLAGS, *(dump if dump_dir else ()))
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the SPMD partitioner's warnings flood stderr
-
-
-def _dump_dir() -> pathlib.Path | None:
-  m = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
-  return pathlib.Path(m.group(1)) if m else None
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
   """'fsdp=8' or 'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4} (axes not named have size 1)."""
   if not text:
     return None
-  mesh = {}
-  for item in text.split(","):
-    axis, _, size = item.partition("=")
-    size = size.strip()
-    if axis.strip() not in ("data", "fsdp", "tensor", "expert") or not size.isdigit() or \
-        int(size) < 1:
-      raise ValueError(f"--mesh={text!r}: use AXIS=N[,AXIS=N] with AXIS in data, fsdp, tensor, "
-                       "expert and N a positive integer, e.g. --mesh=fsdp=8.")
-    mesh[axis.strip()] = int(size)
-  return {a: mesh.get(a, 1) for a in ("data", "fsdp", "tensor", "expert")}
+  items = [re.fullmatch(r"\s*(data|fsdp|tensor|expert)\s*=\s*(\d+)\s*", x) for x in text.split(",")]
+  if not all(m and int(m[2]) >= 1 for m in items):
+    raise ValueError(f"--mesh={text!r}: use AXIS=N[,AXIS=N] with AXIS in data, fsdp, tensor, "
+                     "expert and N a positive integer, e.g. --mesh=fsdp=8.")
+  mesh = {m[1]: int(m[2]) for m in items}
+  return {a: mesh.get(a, 1) for a in AXES}
 
 
 def resolve_mesh(mesh: dict[str, int]) -> dict[str, int]:
@@ -95,14 +72,10 @@ def resolve_mesh(mesh: dict[str, int]) -> dict[str, int]:
   return {a: (DEVICES // known if s == -1 else s) for a, s in mesh.items()}
 
 
-# --- one measurement ------------------------------------------------------------------------------
-
 def load_config(spec: str, recipe: str, per_device_batch: int | None = None,
                 mesh: dict[str, int] | None = None):
-  """The config of `spec` with the recipe, the (resolved) mesh and the per-device batch set.
-
-  Returns (config, number of devices the batch is split over).
-  """
+  """(the config of `spec` with the recipe, the resolved mesh and the per-device batch set, the
+  number of devices the batch is split over)."""
   from mpxla.train import config as config_lib
 
   config = config_lib.load(spec)
@@ -119,7 +92,8 @@ def load_config(spec: str, recipe: str, per_device_batch: int | None = None,
 
 def measure(spec: str, recipe: str, per_device_batch: int | None = None,
             mesh: dict[str, int] | None = None, explain: bool = False) -> dict[str, Any]:
-  """Compiles the config's train step ahead of time; returns the per-device breakdown in bytes."""
+  """Compiles the config's train step ahead of time; returns the per-device breakdown in bytes
+  (and what is live at the peak with `explain`, if XLA_FLAGS dump the buffers: `setup_env`)."""
   import jax
 
   from mpxla.train import monitor
@@ -131,14 +105,15 @@ def measure(spec: str, recipe: str, per_device_batch: int | None = None,
     raise RuntimeError(f"the mesh {dict(config.mesh)} needs {need} devices, JAX has "
                        f"{jax.device_count()}; run `python experiments/memory.py` (its main() sets "
                        f"--xla_force_host_platform_device_count) or set XLA_FLAGS yourself.")
-  dump = _dump_dir()
-  if dump is not None:
+  m = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+  dump = pathlib.Path(m[1]) if m else None
+  if dump:
     shutil.rmtree(dump, ignore_errors=True)
-  wall, cpu = time.time(), time.process_time()
+  start = H.clock()
   trainer = Trainer(config, pathlib.Path(tempfile.gettempdir()) / "mpxla-memory-aot")
   state = trainer.abstract_state()
   breakdown = trainer.aot()  # compiles; params/optimizer/model_state are per-device shard bytes
-  wall, cpu = time.time() - wall, time.process_time() - cpu
+  wall, cpu = time.time() - start[0], time.process_time() - start[1]
   out = {
       "config": spec, "recipe": recipe, "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
       "devices": int(trainer.mesh.size), "batch_global": int(config.data.batch_size),
@@ -147,30 +122,34 @@ def measure(spec: str, recipe: str, per_device_batch: int | None = None,
       "n_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state["params"]))),
       **{k: breakdown[k] for k in (*KEYS, "model_state", "other", "step_arguments",
                                    "step_outputs", "step_temp", "step_aliased")},
-  }
-  out.update(compile_wall_s=round(wall, 1), compile_cpu_s=round(cpu, 1),
-             all_gather_bytes=breakdown["all_gather_bytes"])
-  if dump is not None:
+      "compile_wall_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
+      "all_gather_bytes": breakdown["all_gather_bytes"]}
+  if dump:
     if explain:
       out["peak_composition"] = monitor.peak_composition(dump)
     shutil.rmtree(dump, ignore_errors=True)
   return out
 
 
-# --- the largest batch that fits ------------------------------------------------------------------
+def _measure_subprocess(spec: str, recipe: str, batch: int, explain: bool,
+                        src: pathlib.Path, mesh: str | None = None) -> dict[str, Any]:
+  """`measure` in a fresh process (the CLI's --json) importing mpxla from `src`."""
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--config={spec}",
+         f"--recipe={recipe}", f"--batch={batch}", "--json"] + (["--explain"] if explain else []) \
+      + ([f"--mesh={mesh}"] if mesh else [])
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  proc = subprocess.run(cmd, cwd=H.ROOT, env=env, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout)
+
 
 def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int, int],
                   fixed: float | None = None, max_compiles: int = 8) -> dict[str, Any]:
-  """The largest per-device batch b with peak_at(b) <= budget, by affine extrapolation.
-
-  `points` holds at least one measured {batch: peak}. With one point (b0, p0), the second batch
-  is the budget's batch on the line through (0, fixed) and (b0, p0), where `fixed` estimates the
-  batch-independent bytes (default: none known, and the second batch is 2 b0, or b0 // 2 if b0
-  does not fit). Then, until the largest fitting b and b + 1 (not fitting) have both been
-  compiled: solve the line through the two points nearest the budget for peak = budget, clamp
-  the answer between the largest fitting and the smallest non-fitting batch known, compile it.
-  Returns the answer, the first prediction from two compiled points and every point.
-  """
+  """The largest per-device batch b with peak_at(b) <= budget, by affine extrapolation from
+  `points` ({batch: peak}, at least one; `fixed`: the batch-independent bytes if known), verified
+  by compiling b and b + 1 (docs/results_prose.md, memory/method)."""
   points = dict(points)
   measured: list[int] = []
 
@@ -184,8 +163,7 @@ def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int
       second = math.floor((budget - fixed) / ((p0 - fixed) / b0))
     else:
       second = 2 * b0 if p0 <= budget else b0 // 2
-    second = max(1, second if second != b0 else b0 + 1)
-    compile_at(second)
+    compile_at(max(1, second if second != b0 else b0 + 1))
   predicted = None
   while len(measured) < max_compiles:
     lo = max((b for b, p in points.items() if p <= budget), default=0)
@@ -198,141 +176,12 @@ def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int
     guess = math.floor(b1 + (budget - p1) / slope) if slope > 0 else 2 * max(lo, 1)
     predicted = guess if predicted is None else predicted
     guess = max(guess, lo + 1)
-    if hi is not None:
-      guess = min(guess, hi - 1)
-    compile_at(guess)
+    compile_at(guess if hi is None else min(guess, hi - 1))
   best = max((b for b, p in points.items() if p <= budget), default=0)
   return {"budget": budget, "largest_batch": best, "peak_at_largest": points.get(best),
           "predicted": predicted, "compiles": len(measured),
           "verified": best + 1 in points and points[best + 1] > budget,
           "points": {str(b): points[b] for b in sorted(points)}}
-
-
-# --- the section ---------------------------------------------------------------------------------
-
-def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: int = 1,
-        add: bool = False) -> dict:
-  """Measures every size x recipe at the table batch and searches the largest batch per recipe;
-  then the single-device table (one row per recipe at batch 1, and its largest batch).
-
-  jobs > 1 compiles that many measurements at once, each in a subprocess (`--json`) importing a
-  snapshot of mpxla/ taken at the start; the batch searches of different recipes run side by
-  side. Every measurement is also appended to
-  out_dir/runs/measurements.jsonl; resume=True reuses the ones found there (same config, recipe,
-  batch, mesh and `H.source_hash`) instead of compiling again. add=True keeps the rows, searches
-  and single-device rows of out_dir/results.json and measures only the missing ones.
-  """
-  import concurrent.futures
-  import resource
-  import threading
-
-  import jax
-
-  from mpxla.train import config as config_lib
-
-  out_dir = pathlib.Path(out_dir)
-  (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-  _import_all()
-  import mpxla  # jobs == 1: the source hash of the mpxla imported (PYTHONPATH may name another)
-
-  src = _snapshot(out_dir) if jobs > 1 else pathlib.Path(mpxla.__file__).resolve().parents[1]
-  source = H.source_hash(src, CONFIG)
-  cache_path = out_dir / "runs" / "measurements.jsonl"
-  cache, lock = {}, threading.Lock()
-  if resume and cache_path.exists():
-    for line in cache_path.read_text().splitlines():
-      r = json.loads(line)
-      if r.get("source") == source:
-        cache[(r["config"], r["recipe"], r["batch_per_device"], r.get("mesh_arg"))] = r
-  elif cache_path.exists():
-    cache_path.unlink()
-
-  def measure_cached(spec, recipe, b, explain=False, mesh=None):
-    with lock:
-      r = cache.get((spec, recipe, b, mesh))
-    if r is None or (explain and "peak_composition" not in r):
-      r = measure(spec, recipe, b, explain=explain) if jobs == 1 and not mesh else \
-          _measure_subprocess(spec, recipe, b, explain, src, mesh)  # a mesh: its own devices
-      r.update(source=source, mesh_arg=mesh)
-      with lock:
-        cache[(spec, recipe, b, mesh)] = r
-        with cache_path.open("a") as f:
-          f.write(json.dumps(r) + "\n")
-    return dict(r)
-
-  def children_cpu():
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-  wall, cpu = time.time(), time.process_time() + children_cpu()
-  st = H.settings(NAME, quick)
-  sizes, batch, budget = st["sizes"], st["batch"], st["budget"]
-  old = H.load(out_dir)[1] if add and (out_dir / "results.json").exists() else {}
-  # --add re-measures the rows (and single-device rows) from before the all-gather column
-  kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])
-          if "all_gather_bytes" in r}
-  kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
-
-  def table_row(size, recipe):
-    if (size, recipe) in kept:
-      return kept[size, recipe]
-    row = measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True)
-    row["size"] = size
-    _log(f"{size:>5} {recipe:<10} peak {row['peak'] / 1e9:7.2f} GB "
-         f"(compile {row['compile_cpu_s']:.0f} s CPU)")
-    return row
-
-  def search_batch(size, recipe):
-    if (size, recipe, "search") in kept:
-      return kept[size, recipe, "search"]
-    row = next(r for r in rows if r["size"] == size and r["recipe"] == recipe)
-
-    def peak_at(b):
-      _log(f"  search {size} {recipe}: batch {b}")
-      return measure_cached(f"{CONFIG}:{size}", recipe, b)["peak"]
-
-    fixed = row["peak"] - row["activations"]  # state, grads, batch: no activations
-    result = largest_batch(peak_at, budget, {row["batch_per_device"]: row["peak"]}, fixed)
-    result.update(size=size, recipe=recipe)
-    _log(f"{size:>5} {recipe:<10} largest batch {result['largest_batch']} per device "
-         f"(predicted {result['predicted']}, {result['compiles']} compiles)")
-    return result
-
-  def single_row(recipe):  # one device, extrapolated from fewer layers (`_extrapolate`)
-    size, (l1, l2), (b1, b2) = st["single_size"], st["single_layers"], st["single_batches"]
-    n, pts = config_lib.load(f"{CONFIG}:{size}").model.n_layers, {}
-    for b in (b1, b2):  # b2 only if b1 fits
-      if (size, recipe) in kept or (pts and _extrapolate(pts, n, budget)["peak"] > budget):
-        break
-      pts.update({(k, b): measure_cached(f"{CONFIG}:{size}@{k}", recipe, b, (k, b) == (l2, b1),
-                                         st["single_mesh"]) for k in (l1, l2)})
-    return kept.get((size, recipe)) or _extrapolate(pts, n, budget)
-
-  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    # Largest models first, so that the searches (which need them) can start early.
-    todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES
-            if recipe in st["recipes"] or size in st["sr_sizes"]]
-    done = dict(zip(todo, pool.map(lambda a: table_row(*a), todo), strict=True))
-    rows = [done[k] for k in sorted(done, key=lambda k: (sizes.index(k[0]), RECIPES.index(k[1])))]
-    todo = [(size, recipe) for size in st["search_sizes"] for recipe in st["search_recipes"]]
-    searches = list(pool.map(lambda a: search_batch(*a), todo))
-    single = list(pool.map(single_row, st["single_recipes"]))
-  meta = {**H.metadata((wall, cpu), _command(out_dir, quick, jobs, add)),
-          "wall_s": round(time.time() - wall, 1),
-          "cpu_s": round(time.process_time() + children_cpu() - cpu, 1), "compiles": len(cache),
-          "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1),
-          "mpxla_from": str(src)}
-  if old:  # the first run's provenance stays; this one is listed as an addition
-    return H.save(out_dir, {**old, "rows": rows, "searches": searches, "single": single,
-                            "additions": old.get("additions", []) + [meta]})
-  return H.save(out_dir, {
-      "name": NAME, "quick": quick, **meta,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
-      "source_hash": source,
-      # jobs > 1: each subprocess imports mpxla when it starts; a change mid-run shows here.
-      "source_changed_during_run": H.source_hash(src, CONFIG) != source,
-      "table_batch": batch, "budget": budget, "rows": rows, "searches": searches,
-      "single": single})
 
 
 def _extrapolate(pts: dict[tuple[int, int], dict], layers: int, budget: float) -> dict[str, Any]:
@@ -357,55 +206,115 @@ def _extrapolate(pts: dict[tuple[int, int], dict], layers: int, budget: float) -
   return row
 
 
-def _measure_subprocess(spec: str, recipe: str, batch: int, explain: bool,
-                        src: pathlib.Path, mesh: str | None = None) -> dict[str, Any]:
-  """`measure` in a fresh process (the CLI's --json) importing mpxla from `src`."""
-  import subprocess
+def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: int = 1,
+        add: bool = False, command: str = "python experiments/memory.py") -> dict:
+  """Every size x recipe at the table batch, the largest batch of some, then the single-device
+  rows (fewer layers, extrapolated: `_extrapolate`). jobs > 1: that many compiles at once, each
+  in a subprocess (`--json`), as are the single-device compiles. Every measurement is appended
+  to OUT/runs/measurements.jsonl; resume reuses those of the same source hash. add keeps what
+  OUT/results.json has and measures only the rest."""
+  import jax
 
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--config={spec}",
-         f"--recipe={recipe}", f"--batch={batch}", "--json"] + (["--explain"] if explain else []) \
-      + ([f"--mesh={mesh}"] if mesh else [])
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout)
+  import mpxla.train.trainer  # all of the step's code, as `H.source_hash` sees it now
+  from mpxla.train import config as config_lib
 
-
-def _command(out_dir: pathlib.Path, quick: bool, jobs: int = 1, add: bool = False) -> str:
-  cmd = ["python", "experiments/memory.py"] + ([f"--jobs={jobs}"] if jobs > 1 else []) + \
-      (["--add"] if add else [])
-  default = ROOT / "experiments" / "results" / NAME
-  if pathlib.Path(out_dir).resolve() != default.resolve():
-    cmd.append(f"--out={out_dir}")
-  return shlex.join(cmd + (["--quick"] if quick else []))
-
-
-def _snapshot(out_dir: pathlib.Path) -> pathlib.Path:
-  """A copy of mpxla/ under out_dir/runs/src that the subprocesses import (PYTHONPATH), so that
-  every measurement of a run uses the same code even if the working tree changes meanwhile."""
-  src = out_dir / "runs" / "src"
+  src = out_dir / "runs" / "src"  # a copy of that mpxla, which the subprocesses import
   shutil.rmtree(src, ignore_errors=True)
-  shutil.copytree(ROOT / "mpxla", src / "mpxla", ignore=shutil.ignore_patterns("__pycache__"))
-  return src
+  shutil.copytree(pathlib.Path(mpxla.__file__).parent, src / "mpxla",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  source = H.source_hash(src, CONFIG)
+  cache_path = out_dir / "runs" / "measurements.jsonl"
+  cache, lock = {}, threading.Lock()
+  for line in cache_path.read_text().splitlines() if resume and cache_path.exists() else ():
+    r = json.loads(line)
+    if r.get("source") == source:
+      cache[(r["config"], r["recipe"], r["batch_per_device"], r.get("mesh_arg"))] = r
+  if not resume:
+    cache_path.unlink(missing_ok=True)
 
+  def measure_cached(spec, recipe, b, explain=False, mesh=None):
+    with lock:
+      r = cache.get((spec, recipe, b, mesh))
+    if r is None or (explain and "peak_composition" not in r):
+      r = measure(spec, recipe, b, explain=explain) if jobs == 1 and not mesh else \
+          _measure_subprocess(spec, recipe, b, explain, src, mesh)  # a mesh: its own devices
+      r.update(source=source, mesh_arg=mesh)
+      with lock:
+        cache[(spec, recipe, b, mesh)] = r
+        with cache_path.open("a") as f:
+          f.write(json.dumps(r) + "\n")
+    return dict(r)
 
-def _import_all() -> None:
-  """Imports every mpxla module a train step may use, so that the whole run uses the code that
-  `H.source_hash` saw at its start even if files change while it runs."""
-  import mpxla.attention  # noqa: F401
-  import mpxla.models  # noqa: F401
-  import mpxla.nn  # noqa: F401
-  import mpxla.optim  # noqa: F401
-  import mpxla.train.trainer  # noqa: F401
+  def cpu_time():  # this process and its subprocesses
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ru.ru_utime + ru.ru_stime
+
+  wall, cpu = time.time(), cpu_time()
+  st = H.settings(NAME, quick)
+  sizes, batch, budget = st["sizes"], st["batch"], st["budget"]
+  old = H.load(out_dir)[1] if add and (out_dir / "results.json").exists() else {}
+  kept = {(r["size"], r["recipe"]): r for r in old.get("rows", []) + old.get("single", [])}
+  kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
+
+  def table_row(size, recipe):
+    if (size, recipe) in kept:
+      return kept[size, recipe]
+    row = {**measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True), "size": size}
+    _log(f"{size:>5} {recipe:<10} peak {row['peak'] / 1e9:7.2f} GB "
+         f"(compile {row['compile_cpu_s']:.0f} s CPU)")
+    return row
+
+  def search_batch(size, recipe):
+    if (size, recipe, "search") in kept:
+      return kept[size, recipe, "search"]
+    row = next(r for r in rows if r["size"] == size and r["recipe"] == recipe)
+
+    def peak_at(b):
+      _log(f"  search {size} {recipe}: batch {b}")
+      return measure_cached(f"{CONFIG}:{size}", recipe, b)["peak"]
+
+    fixed = row["peak"] - row["activations"]  # state, grads, batch: no activations
+    result = largest_batch(peak_at, budget, {row["batch_per_device"]: row["peak"]}, fixed)
+    _log(f"{size:>5} {recipe:<10} largest batch {result['largest_batch']} per device "
+         f"(predicted {result['predicted']}, {result['compiles']} compiles)")
+    return {**result, "size": size, "recipe": recipe}
+
+  def single_row(recipe):  # one device, extrapolated from fewer layers
+    size, (l1, l2), (b1, b2) = st["single_size"], st["single_layers"], st["single_batches"]
+    if (size, recipe) in kept:
+      return kept[size, recipe]
+    n, pts = config_lib.load(f"{CONFIG}:{size}").model.n_layers, {}
+    for b in (b1, b2):  # b2 only if b1 fits
+      pts.update({(k, b): measure_cached(f"{CONFIG}:{size}@{k}", recipe, b, (k, b) == (l2, b1),
+                                         st["single_mesh"]) for k in (l1, l2)})
+      if _extrapolate(pts, n, budget)["peak"] > budget:
+        break
+    return _extrapolate(pts, n, budget)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    # Largest models first, so that the searches (which need them) can start early.
+    todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES
+            if recipe in st["recipes"] or size in st["sr_sizes"]]
+    done = dict(zip(todo, pool.map(lambda a: table_row(*a), todo), strict=True))
+    rows = [done[k] for k in sorted(done, key=lambda k: (sizes.index(k[0]), RECIPES.index(k[1])))]
+    todo = [(size, recipe) for size in st["search_sizes"] for recipe in st["search_recipes"]]
+    searches = list(pool.map(lambda a: search_batch(*a), todo))
+    single = list(pool.map(single_row, st["single_recipes"]))
+  meta = {**H.metadata((wall, cpu), command), "wall_s": round(time.time() - wall, 1),
+          "cpu_s": round(cpu_time() - cpu, 1), "compiles": len(cache),
+          "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1)}
+  results = {"rows": rows, "searches": searches, "single": single}
+  if old:  # the first run's provenance stays; this one is listed as an addition
+    return H.save(out_dir, {**old, **results, "additions": old.get("additions", []) + [meta]})
+  return H.save(out_dir, {
+      "name": NAME, "quick": quick, **meta,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
+      "source_hash": source, "table_batch": batch, "budget": budget, **results})
 
 
 def _log(text: str) -> None:
   print(text, file=sys.stderr, flush=True)
 
-
-# --- rendering -----------------------------------------------------------------------------------
 
 def _duration(seconds: float) -> str:
   return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
@@ -416,18 +325,27 @@ def _unit(rows: list[dict]) -> tuple[float, str]:
   return (1e9, "GB") if max(r["peak"] for r in rows) >= 1e9 else (1e6, "MB")
 
 
+def _fmt(n: float | None, scale: float) -> str:
+  return "-" if n is None else f"{n / scale:.2f}"
+
+
+def _sizes(res: dict) -> list[str]:
+  return list(dict.fromkeys(r["size"] for r in res["rows"]))
+
+
+def _met(ok: bool) -> str:
+  return "met" if ok else "missed"
+
+
 def render(out_dir: pathlib.Path) -> str:
   """The markdown of the section from out_dir/results.json (and its PNGs)."""
   out_dir, res = H.load(out_dir)
-  rows = res["rows"]
+  rows, sizes = res["rows"], _sizes(res)
   searches = sorted(res["searches"], key=lambda s: (s["size"], RECIPES.index(s["recipe"])))
   scale, unit = _unit(rows)
-  fmt = lambda n: "-" if n is None else f"{n / scale:.2f}"  # noqa: E731
-  sizes = list(dict.fromkeys(r["size"] for r in rows))
   by = {(r["size"], r["recipe"]): r for r in rows}
-  first = rows[0]
+  seq = rows[0]["seq_len"]
   plots = _plots(out_dir, res, scale, unit)
-  seq, batch = first["seq_len"], res["table_batch"]
   git = res.get("git", {})
   tree = (f" at commit {git['commit']}" + (f" with {len(git['modified'])} modified files in mpxla/"
                                             if git.get("modified") else "")) if git else ""
@@ -440,14 +358,8 @@ def render(out_dir: pathlib.Path) -> str:
           f"{a['compiles']} compiles, {_duration(a['compile_cpu_s'])} CPU compiling): the rows "
           "it lacked."
           for a in res.get("additions", [])),
-      "",
-      f"Each row compiles mpxla's real train step (`mpxla.train.Trainer(config).aot()`: the model "
-      f"wrapped by the recipe, AdamW or `adamw_fp8`, gradient clipping, FSDP over "
-      f"{first['devices']} simulated CPU devices) for Llama-style GPTs (`{CONFIG}`, vocabulary "
-      f"32000, untied head, attention `impl='auto'`) at {batch} sequences of {seq} tokens per "
-      f"device ({batch * first['devices']} per step), with abstract inputs only, and reads XLA's "
-      f"buffer assignment. {unit} per device (1 {unit} = 10^{round(math.log10(scale))} bytes):",
-      ""]
+      "", H.prose(NAME, "setup", res.get("quick", False))
+      + f" {unit} per device (1 {unit} = 10^{round(math.log10(scale))} bytes):", ""]
   gather = any("all_gather_bytes" in r for r in rows)  # a column since it was measured
   table = []
   for size in sizes:
@@ -455,27 +367,27 @@ def render(out_dir: pathlib.Path) -> str:
     for recipe in (x for x in RECIPES if (size, x) in by):
       r = by[size, recipe]
       table.append([f"{size} ({r['n_params'] / 1e6:,.0f}M)" if recipe == RECIPES[0] else "",
-                    f"`{recipe}`"] + [fmt(r[k]) for k in KEYS]
+                    f"`{recipe}`"] + [_fmt(r[k], scale) for k in KEYS]
                    + [f"{base['peak'] / r['peak']:.2f}x" if base else "-"]
-                   + [fmt(r.get("all_gather_bytes"))] * gather)
+                   + [_fmt(r.get("all_gather_bytes"), scale)] * gather)
   lines += H.table(["model", "recipe", "params", "grads", "optimizer", "activations", "peak",
                     "bf16 peak / peak"] + ["all-gathered / step"] * gather, table,
                    "|---|---|" + "---:|" * (6 + gather))
-  lines += ["", H.prose(NAME, "definitions", res.get("quick", False)), "",
+  lines += ["", H.prose(NAME, "definitions"), "",
             f"![per-device memory by recipe]({plots['breakdown']})", ""]
   if searches:
-    base = {s["size"]: s for s in searches if s["recipe"] == "bf16"}
+    base = {s["size"]: s["largest_batch"] for s in searches if s["recipe"] == "bf16"}
     lines += [f"Largest per-device batch (sequences of {seq}) whose peak fits "
               f"{searches[0]['budget'] / 1e9:.0f} GB:", ""]
-    lines += H.table(["model", "recipe", "largest batch", f"peak there ({unit})", "first prediction",
-                      "compiles", "batch / bf16's"], [
-        [s["size"], f"`{s['recipe']}`", f"{s['largest_batch']}" + ("" if s["verified"] else " (unverified)"),
-         fmt(s["peak_at_largest"]), s["predicted"], s["compiles"],
-         f"{s['largest_batch'] / base[s['size']]['largest_batch']:.2f}x"
-         if base.get(s["size"], {}).get("largest_batch") else "-"] for s in searches],
-        "|---|---|---:|---:|---:|---:|---:|")
+    lines += H.table(["model", "recipe", "largest batch", f"peak there ({unit})",
+                      "first prediction", "compiles", "batch / bf16's"], [
+        [s["size"], f"`{s['recipe']}`",
+         f"{s['largest_batch']}" + ("" if s["verified"] else " (unverified)"),
+         _fmt(s["peak_at_largest"], scale), s["predicted"], s["compiles"],
+         f"{s['largest_batch'] / base[s['size']]:.2f}x" if base.get(s["size"]) else "-"]
+        for s in searches], "|---|---|---:|---:|---:|---:|---:|")
     lines += ["", H.prose(NAME, "method"), "", f"![peak against batch]({plots['search']})", ""]
-  lines += _single(res, unit) + _verdict(res, by, searches)
+  lines += _single(res, scale, unit) + _verdict(res, by, searches)
   lines += _composition(by, sizes[-1], scale, unit)
   single = {(f"{r['config'].split(':')[1]}, batch 1", r["recipe"]): r
             for r in res.get("single", [])}
@@ -488,23 +400,24 @@ def _static(r: dict) -> float:
   return (r["params"] + r["grads"] + r["optimizer"]) * r["devices"] / r["n_params"]
 
 
-def _single(res: dict, unit: str) -> list[str]:
+def _single(res: dict, scale: float, unit: str) -> list[str]:
   """The single-device table: static bytes per parameter, peak, largest batch in the budget."""
   rows = res.get("single") or []
   if not rows:
     return []
-  r0, scale = rows[0], 1e9 if unit == "GB" else 1e6
-  fmt = lambda n: "-" if n is None else f"{n / scale:.2f}"  # noqa: E731
+  r0 = rows[0]
   layers = " and ".join(map(str, r0["compiled_layers"]))
   lines = [f"{r0['size']} ({r0['n_params'] / 1e6:,.0f}M parameters, {r0['n_layers']} layers) on "
            f"one device (no FSDP), extrapolated from {layers} layers (below), "
-           f"{unit}; peak at {r0['batch_per_device']} x {r0['seq_len']} tokens:", ""] + H.table(
+           f"{unit}; peak at {r0['batch_per_device']} x {r0['seq_len']} tokens:", ""]
+  lines += H.table(
       ["recipe", "params", "grads", "optimizer", "static bytes / param", "activations", "peak",
        "largest batch", f"peak there ({unit})", "compiles", "compile CPU (min)"],
-      [[f"`{r['recipe']}`"] + [fmt(r[k]) for k in KEYS[:3]] + [f"{_static(r):.2f}"]
-       + [fmt(r[k]) for k in KEYS[3:]] + [f"{s['largest_batch']}" + (
-           "" if s["verified"] else " (extrapolated)"), fmt(s["peak_at_largest"]), len(s["points"]),
-           f"{sum(s['compile_cpu_s'].values()) / 60:.1f}"]
+      [[f"`{r['recipe']}`"] + [_fmt(r[k], scale) for k in KEYS[:3]] + [f"{_static(r):.2f}"]
+       + [_fmt(r[k], scale) for k in KEYS[3:]]
+       + [f"{s['largest_batch']}" + ("" if s["verified"] else " (extrapolated)"),
+          _fmt(s["peak_at_largest"], scale), len(s["points"]),
+          f"{sum(s['compile_cpu_s'].values()) / 60:.1f}"]
        for r, s in ((r, r["search"]) for r in rows)], "|---|" + "---:|" * 10)
   return lines + ["", H.prose(NAME, "single"), ""]
 
@@ -513,8 +426,7 @@ def headline(out_dir: pathlib.Path) -> dict[str, str]:
   """Headline figures for the report's header table (label -> value)."""
   res = H.load(out_dir)[1]
   by = {(r["size"], r["recipe"]): r for r in res["rows"]}
-  size = list(dict.fromkeys(r["size"] for r in res["rows"]))[-1]
-  out = {}
+  size, out = _sizes(res)[-1], {}
   b, c = by.get((size, "bf16")), by.get((size, "coat"))
   if b and c:
     scale, unit = _unit(res["rows"])
@@ -533,35 +445,29 @@ def headline(out_dir: pathlib.Path) -> dict[str, str]:
 def _verdict(res, by, searches) -> list[str]:
   lines = ["**Goal** (COAT: 1.54x lower peak for Llama-2-7B, twice the batch): `coat` peak at "
            "least 1.6x below `bf16` at the same batch, and at least twice the batch.", ""]
-  for size in dict.fromkeys(r["size"] for r in res["rows"]):
-    b, c = by.get((size, "bf16")), by.get((size, "coat"))
-    if b and c:
+  for size in _sizes(res):
+    if (b := by.get((size, "bf16"))) and (c := by.get((size, "coat"))):
       ratio = b["peak"] / c["peak"]
-      act = b["activations"] / c["activations"]
-      opt = b["optimizer"] / c["optimizer"]
-      lines.append(f"- {size}: bf16 / coat peak = **{ratio:.2f}x** "
-                   f"({'met' if ratio >= 1.6 else 'missed'}); activations {act:.2f}x, optimizer "
-                   f"states {opt:.2f}x.")
+      lines.append(f"- {size}: bf16 / coat peak = **{ratio:.2f}x** ({_met(ratio >= 1.6)}); "
+                   f"activations {b['activations'] / c['activations']:.2f}x, optimizer states "
+                   f"{b['optimizer'] / c['optimizer']:.2f}x.")
+  bf16 = {s["size"]: s["largest_batch"] for s in searches if s["recipe"] == "bf16"}
   for s in searches:
-    if s["recipe"] != "coat":
-      continue
-    b = next((t for t in searches if t["size"] == s["size"] and t["recipe"] == "bf16"), None)
-    if b and b["largest_batch"]:
-      ratio = s["largest_batch"] / b["largest_batch"]
-      lines.append(f"- {s['size']} batch in {s['budget'] / 1e9:.0f} GB: {b['largest_batch']} -> "
+    if s["recipe"] == "coat" and bf16.get(s["size"]):
+      b, ratio = bf16[s["size"]], s["largest_batch"] / bf16[s["size"]]
+      lines.append(f"- {s['size']} batch in {s['budget'] / 1e9:.0f} GB: {b} -> "
                    f"{s['largest_batch']} sequences per device = **{ratio:.2f}x** "
-                   f"({'met' if ratio >= 2 else 'missed'}).")
-  met = lambda ok: "met" if ok else "missed"  # noqa: E731
+                   f"({_met(ratio >= 2)}).")
   single = {r["recipe"]: r for r in res.get("single", [])}
   if r := single.get("coat_sr"):  # goals of training without float32 master weights
     b = r["search"]["largest_batch"]
     lines += [f"- `coat_sr` static memory, {r['size']}: **{_static(r):.2f}** bytes per parameter "
-              f"(goal <= 6.2: {met(_static(r) <= 6.2)}); on one device it fits **{b}** sequences "
-              f"(goal >= 4: {met(b >= 4)})."]
-  for size in dict.fromkeys(r["size"] for r in res["rows"]):
+              f"(goal <= 6.2: {_met(_static(r) <= 6.2)}); on one device it fits **{b}** sequences "
+              f"(goal >= 4: {_met(b >= 4)})."]
+  for size in _sizes(res):
     if (b := by.get((size, "bf16"))) and (c := by.get((size, "coat_sr"))):
       lines.append(f"- {size}: bf16 / coat_sr peak = **{b['peak'] / c['peak']:.2f}x** (goal 2.4x:"
-                   f" {met(b['peak'] / c['peak'] >= 2.4)}).")
+                   f" {_met(b['peak'] / c['peak'] >= 2.4)}).")
   return lines + [""]
 
 
@@ -570,41 +476,31 @@ def _composition(by, size, scale, unit, top=("bf16", "coat")) -> list[str]:
           if (size, recipe) in by and by[(size, recipe)].get("peak_composition")]
   if not rows:
     return []
-  fmt = lambda n: f"{n / scale:.2f}"  # noqa: E731
   cats = ("arguments", "forward", "backward", "optimizer & other")
   lines = [
       f"What is live at the peak ({size}; from XLA's buffer live ranges, each buffer attributed "
       "to the JAX op that produced it: `forward` = kept from the forward pass for the backward, "
-      f"`backward` = created by the backward pass), {unit} per device:",
-      "",
-      "| recipe | live at peak | " + " | ".join(cats) + " |",
-      "|---|---:|" + "---:|" * len(cats),
-  ]
-  for recipe, comp in rows:
-    lines.append(f"| `{recipe}` | {fmt(comp['live_bytes'])} | " +
-                 " | ".join(fmt(comp["by_category"].get(c, 0)) for c in cats) + " |")
-  lines += ["", "The largest groups of buffers live at the peak (layer indices folded):", "",
-            f"| recipe | category | produced by | shape | buffers | {unit} |",
-            "|---|---|---|---|---:|---:|"]
-  for recipe, comp in rows:
-    if recipe not in top:
-      continue
-    for g in comp["top"][:8]:
-      lines.append(f"| `{recipe}` | {g['category']} | `{g['op']}` | `{g['shape']}` | "
-                   f"{g['buffers']} | {fmt(g['bytes'])} |")
+      f"`backward` = created by the backward pass), {unit} per device:", ""]
+  lines += H.table(["recipe", "live at peak", *cats], [
+      [f"`{recipe}`", _fmt(comp["live_bytes"], scale)]
+      + [_fmt(comp["by_category"].get(c, 0), scale) for c in cats] for recipe, comp in rows],
+      "|---|---:|" + "---:|" * len(cats))
+  lines += ["", "The largest groups of buffers live at the peak (layer indices folded):", ""]
+  lines += H.table(["recipe", "category", "produced by", "shape", "buffers", unit], [
+      [f"`{recipe}`", g["category"], f"`{g['op']}`", f"`{g['shape']}`", g["buffers"],
+       _fmt(g["bytes"], scale)] for recipe, comp in rows if recipe in top for g in comp["top"][:8]],
+      "|---|---|---|---|---:|---:|")
   return lines + [""]
 
 
 def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[str, str]:
   plt = H.pyplot()
-  rows = res["rows"]
-  sizes = list(dict.fromkeys(r["size"] for r in rows))
+  rows, sizes = res["rows"], _sizes(res)
   fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.6), dpi=100, squeeze=False)
-  parts = ("params", "grads", "optimizer", "activations", "other")
   for ax, size in zip(axes[0], sizes, strict=True):
     sub = [r for r in rows if r["size"] == size]
     bottom = [0.0] * len(sub)
-    for part in parts:
+    for part in ("params", "grads", "optimizer", "activations", "other"):
       vals = [max(r[part], 0) / scale for r in sub]
       ax.bar([r["recipe"] for r in sub], vals, bottom=bottom, label=part)
       bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
@@ -614,7 +510,6 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
     ax.grid(axis="y", alpha=0.3)
   axes[0][0].legend(fontsize=7)
   H.save_figure(fig, out_dir / "breakdown.png", dpi=100)
-
   if not res["searches"]:
     return {"breakdown": "breakdown.png"}
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -622,73 +517,54 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
     batches, peaks = zip(*sorted((int(b), p / scale) for b, p in s["points"].items()), strict=True)
     ax.plot(batches, peaks, "o-", label=f"{s['size']} {s['recipe']} (max {s['largest_batch']})")
   ax.axhline(res["searches"][0]["budget"] / scale, color="k", ls="--", lw=1, label="budget")
-  ax.set_xlabel("sequences per device")
-  ax.set_ylabel(f"peak {unit} per device")
-  ax.grid(alpha=0.3)
+  H.style(ax, "sequences per device", f"peak {unit} per device", legend=False)
   ax.legend(fontsize=7)
   H.save_figure(fig, out_dir / "batch_search.png", dpi=100)
   return {"breakdown": "breakdown.png", "search": "batch_search.png"}
 
 
-# --- CLI ------------------------------------------------------------------------------------------
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=str(H.RESULTS / NAME),
-                 help="results directory of the section run")
-  p.add_argument("--quick", action="store_true", help="the miniature section (a tiny model)")
-  p.add_argument("--jobs", type=int, default=1,
-                 help="compile this many measurements at once (each in a subprocess)")
-  p.add_argument("--resume", action="store_true",
-                 help="reuse the measurements of an interrupted run (OUT/runs/measurements.jsonl)")
-  p.add_argument("--add", action="store_true", help="measure only what OUT/results.json lacks")
-  p.add_argument("--config", help="one measurement: configs/FILE.py[:variant]")
-  p.add_argument("--recipe", default="bf16", choices=RECIPES)
-  p.add_argument("--mesh", help="AXIS=N[,AXIS=N] (default: the config's mesh), e.g. fsdp=8")
-  p.add_argument("--batch", type=int, help="sequences per device (default: the config's batch)")
-  p.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
-  p.add_argument("--explain", action="store_true", help="add what is live at the peak")
-  return p
-
-
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  if args.json and not args.config:
-    _parser().error("--json measures one config: pass --config=configs/FILE.py[:variant]")
-  if args.config:
-    H.importable()
-    from mpxla.train import config as config_lib  # no JAX import
-
-    try:
-      mesh = parse_mesh(args.mesh)
-      devices = math.prod(resolve_mesh(mesh or dict(config_lib.load(args.config).mesh)).values())
-      if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch={args.batch}: need at least one sequence per device.")
-    except ValueError as e:  # config_lib.ConfigError too
-      _parser().error(str(e))
-    dump = pathlib.Path(tempfile.mkdtemp(prefix="mpxla-memory-")) if args.explain else None
-    setup_env(devices, dump)
-    try:
-      r = measure(args.config, args.recipe, args.batch, mesh, explain=args.explain)
-    finally:
-      if dump is not None:
-        shutil.rmtree(dump, ignore_errors=True)
+  args, command = H.cli(__doc__, NAME, argv, drop=("--resume",), options=(
+      ("--jobs", dict(type=int, default=1, help="compiles at once (each in a subprocess)")),
+      ("--resume", dict(action="store_true", help="reuse OUT/runs/measurements.jsonl")),
+      ("--add", dict(action="store_true", help="measure only what OUT/results.json lacks")),
+      ("--config", dict(help="one measurement: configs/FILE.py[:variant]")),
+      ("--recipe", dict(default="bf16", choices=RECIPES)),
+      ("--mesh", dict(help="AXIS=N[,AXIS=N] (default: the config's mesh), e.g. fsdp=8")),
+      ("--batch", dict(type=int, help="sequences per device (default: the config's batch)")),
+      ("--json", dict(action="store_true", help="print the measurement as one JSON object")),
+      ("--explain", dict(action="store_true", help="add what is live at the peak"))))
+  if not args.config:
     if args.json:
-      print(json.dumps(r))
-    else:
-      print(f"{args.config} {args.recipe}: {r['batch_per_device']} x {r['seq_len']} tokens per "
-            f"device, mesh {r['mesh']}; GB per device:")
-      print("  ".join(f"{k} {r[k] / 1e9:.3f}" for k in KEYS))
+      sys.exit("memory.py: error: --json measures one config: --config=configs/FILE.py[:variant]")
+    if args.jobs < 1:
+      sys.exit(f"memory.py: error: --jobs={args.jobs}: need at least 1.")
+    dump = args.out / "runs" / "xla_dump"
+    setup_env(DEVICES, dump)
+    run(args.out, args.quick, args.resume, args.jobs, args.add, command)
+    shutil.rmtree(dump, ignore_errors=True)
+    print(f"$ {command}\n\n{render(args.out)}")
     return 0
-  out = pathlib.Path(args.out)
-  setup_env(DEVICES, out / "runs" / "xla_dump")
-  H.importable()
-  if args.jobs < 1:
-    _parser().error(f"--jobs={args.jobs}: need at least 1.")
-  run(out, quick=args.quick, resume=args.resume, jobs=args.jobs, add=args.add)
-  shutil.rmtree(out / "runs" / "xla_dump", ignore_errors=True)
-  print(f"$ {_command(out, args.quick, args.jobs, args.add)}\n")
-  print(render(out))
+  from mpxla.train import config as config_lib  # no JAX import
+
+  try:
+    mesh = parse_mesh(args.mesh)
+    devices = math.prod(resolve_mesh(mesh or dict(config_lib.load(args.config).mesh)).values())
+    if args.batch is not None and args.batch < 1:
+      raise ValueError(f"--batch={args.batch}: need at least one sequence per device.")
+  except ValueError as e:  # config_lib.ConfigError too
+    sys.exit(f"memory.py: error: {e}")
+  dump = pathlib.Path(tempfile.mkdtemp(prefix="mpxla-memory-")) if args.explain else None
+  setup_env(devices, dump)
+  try:
+    r = measure(args.config, args.recipe, args.batch, mesh, explain=args.explain)
+  finally:
+    if dump:
+      shutil.rmtree(dump, ignore_errors=True)
+  print(json.dumps(r) if args.json else
+        f"{args.config} {args.recipe}: {r['batch_per_device']} x {r['seq_len']} tokens per "
+        f"device, mesh {r['mesh']}; GB per device:\n"
+        + "  ".join(f"{k} {r[k] / 1e9:.3f}" for k in KEYS))
   return 0
 
 

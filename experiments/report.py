@@ -4,21 +4,12 @@
     python experiments/report.py --run parity,memory # rerun those sections first (or --run all)
     python experiments/report.py --quick --out DIR  # every section's quick mode -> DIR/results.md
 
-Each section is a script `experiments/<file>.py` that is also a module with NAME, TITLE,
-run(out_dir, quick), render(out_dir) -> markdown and main(), built on experiments/harness.py.
-Sections run only in subprocesses (`python experiments/<file>.py --out DIR [--quick]`: each sets
-its own XLA flags before importing jax); in-process this script calls only `render` (and the
-optional `headline(out_dir) -> {label: value}` for the header table). A section whose module is
-missing, does not import or has no results yet gets a line saying which command produces it.
-Image and link targets in a section's markdown may be relative to its results directory (or to
-the repository root); they are rewritten relative to the written results.md.
-
-Hand-written text (the interpretation) lives in docs/results_prose.md, placed by `render` with
-`harness.prose(SECTION, SLOT)`; edit it there, not in docs/results.md. Settings of the sections:
-configs/experiments/<name>.py.
-
-Exit status: 1 if a section run failed or a render/headline raised (the page is still written),
-or, with --strict, if a section module or its results are missing; else 0.
+A section is a script `experiments/<file>.py` and a module with NAME, TITLE, run, main,
+render(out_dir) -> markdown and optionally headline(out_dir) -> {label: value}. Sections run only
+in subprocesses (each sets its own XLA flags before importing jax); in-process this script calls
+render and headline only. Links in a section's markdown may be relative to its results directory;
+they are rewritten for the page. Hand-written text: docs/results_prose.md (`harness.prose`).
+Exit status 1 if a run, render or headline failed (or, with --strict, a section is missing).
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import math
 import os
 import pathlib
 import re
@@ -36,8 +28,11 @@ import time
 import traceback
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
-DEFAULT_RESULTS = HERE / "results"
+if str(HERE) not in sys.path:  # the sections and their harness are sibling modules
+  sys.path.insert(0, str(HERE))
+import harness as H  # noqa: E402
+
+ROOT = H.ROOT
 DEFAULT_DOC = ROOT / "docs" / "results.md"
 
 # (results sub-directory / section NAME, script, title used when the module is missing)
@@ -50,126 +45,83 @@ SECTIONS = (
     ("ghost_bn", "ghost_bn.py", "6. Ghost BatchNorm"),
 )
 NAMES = tuple(s[0] for s in SECTIONS)
-_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 
 
 class Section:
   """One section: its script, module (or the reason it has none) and results directory."""
 
   def __init__(self, name: str, script: str, title: str, results_root: pathlib.Path):
-    self.name, self.script, self.path = name, script, HERE / script
-    self.module, self.error = None, None
-    self.title = title
+    self.name, self.script, self.path, self.title = name, script, HERE / script, title
+    self.module, self.error, self.out_dir = None, None, results_root / name
     if not self.path.is_file():
       self.error = f"`experiments/{script}` does not exist yet"
-    else:
-      try:
-        self.module = importlib.import_module(self.path.stem)
-        self.title = getattr(self.module, "TITLE", title)
-      except Exception as e:  # noqa: BLE001 -- a broken section must not stop the report
-        self.error = f"`experiments/{script}` does not import: {type(e).__name__}: {e}"
-    self.out_dir = results_root / name
+      return
+    try:
+      self.module = importlib.import_module(self.path.stem)
+      self.title = getattr(self.module, "TITLE", title)
+    except Exception as e:  # noqa: BLE001 -- a broken section must not stop the report
+      self.error = f"`experiments/{script}` does not import: {type(e).__name__}: {e}"
 
-  def command(self, quick: bool = False, out: pathlib.Path | None = None) -> str:
-    cmd = f"python experiments/{self.script}"
-    if out is not None:
-      cmd += f" --out {_show(out)}"
-    return cmd + (" --quick" if quick else "")
-
-  @property
-  def has_results(self) -> bool:
-    return (self.out_dir / "results.json").is_file()
-
-
-def _rel(path: pathlib.Path, start: pathlib.Path) -> str:
-  return pathlib.Path(os.path.relpath(pathlib.Path(path).resolve(), start.resolve())).as_posix()
-
-
-def _show(path: pathlib.Path) -> str:
-  """path relative to the repository root when inside it, else absolute."""
-  path = pathlib.Path(path).resolve()
-  return _rel(path, ROOT) if path.is_relative_to(ROOT) else str(path)
+  def command(self, quick: bool) -> str:
+    return f"python experiments/{self.script}" + (
+        f" --out {H.show(self.out_dir)} --quick" if quick else "")
 
 
 def sections(results_root: pathlib.Path) -> list[Section]:
-  if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
   return [Section(n, s, t, results_root) for n, s, t in SECTIONS]
 
 
-# ---------------------------------------------------------------------------------------------
-# Running sections (subprocesses)
-
-
 def run_section(sec: Section, quick: bool, timeout: float | None) -> tuple[bool, str]:
-  """Runs `python experiments/<script> --out DIR [--quick]`; (ok, one-line summary)."""
+  """Runs `python experiments/<script> --out DIR [--quick]` (its process group killed after
+  `timeout` s); (ok, one-line summary)."""
   if not sec.path.is_file():
     return False, f"{sec.name}: {sec.error}"
   log_path = sec.out_dir / "runs" / ("report_quick.log" if quick else "report.log")
   log_path.parent.mkdir(parents=True, exist_ok=True)
   cmd = [sys.executable, str(sec.path), "--out", str(sec.out_dir)] + (["--quick"] if quick else [])
-  t0 = time.time()
+  t0, deadline = time.time(), time.monotonic() + (timeout or math.inf)
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    rc, usage = _wait(proc, timeout)
-  dt = time.time() - t0
-  cpu = f"{usage.ru_utime + usage.ru_stime:.1f} s CPU" if usage else "CPU time unknown"
-  if rc == 0:
+  while not (done := os.wait4(proc.pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+    time.sleep(0.2)
+  if timed_out := not done[0]:
+    os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group only
+    done = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(done[1])  # reaped here (with the child's CPU time)
+  dt, cpu = time.time() - t0, f"{done[2].ru_utime + done[2].ru_stime:.1f} s CPU"
+  if proc.returncode == 0:
     return True, f"{sec.name}: ok in {dt:.1f} s ({cpu})"
   tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-  why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
+  why = f"timed out after {timeout:.0f} s" if timed_out else f"exit status {proc.returncode}"
   return False, (f"{sec.name}: FAILED ({why}, {dt:.1f} s, {cpu}); log {log_path}\n    "
                  + "\n    ".join(tail))
-
-
-def _wait(proc: subprocess.Popen, timeout: float | None):
-  """(exit code or None on timeout, resource usage of the child) -- kills it on timeout."""
-  deadline = None if timeout is None else time.monotonic() + timeout
-  while True:
-    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-    if pid:
-      proc.returncode = os.waitstatus_to_exitcode(status)
-      return proc.returncode, usage
-    if deadline is not None and time.monotonic() > deadline:
-      os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group only
-      _, _, usage = os.wait4(proc.pid, 0)
-      proc.returncode = -signal.SIGKILL
-      return None, usage
-    time.sleep(0.2)
 
 
 def run_sections(secs: list[Section], quick: bool, jobs: int, timeout: float | None) -> bool:
   """Runs the sections (in parallel only in quick mode: full runs feed each other); all ok?"""
   ok = True
-  workers = max(1, jobs) if quick else 1
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = [pool.submit(run_section, s, quick, timeout) for s in secs]
-    for f in futures:
-      good, msg = f.result()
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs) if quick else 1) as pool:
+    for future in [pool.submit(run_section, s, quick, timeout) for s in secs]:
+      good, msg = future.result()
       print(msg, flush=True)
       ok &= good
   return ok
 
 
-# ---------------------------------------------------------------------------------------------
-# Rendering (in-process, from saved results only)
-
-
 def relink(markdown: str, out_dir: pathlib.Path, doc_dir: pathlib.Path) -> str:
   """Rewrites relative link targets that exist under out_dir (or the repo root) for doc_dir."""
   def fix(m):
-    target = m.group(2)
-    if re.match(r"^[a-z]+:|^#|^/", target):
+    path, _, anchor = m.group(2).partition("#")
+    if re.match(r"^[a-z]+:|^#|^/", m.group(2)):
       return m.group(0)
-    path, _, anchor = target.partition("#")
     for base in (out_dir, ROOT):
       if (base / path).exists():
-        new = _rel(base / path, doc_dir) + (f"#{anchor}" if anchor else "")
-        return m.group(1) + new + m.group(3)
+        new = os.path.relpath((base / path).resolve(), doc_dir.resolve())
+        return m.group(1) + pathlib.Path(new).as_posix() + (f"#{anchor}" if anchor else "") + ")"
     return m.group(0)
 
-  return _LINK.sub(fix, markdown)
+  return re.sub(r"(\]\()([^)\s]+)\)", fix, markdown)
 
 
 def render_all(secs: list[Section], doc: pathlib.Path, quick: bool,
@@ -178,13 +130,10 @@ def render_all(secs: list[Section], doc: pathlib.Path, quick: bool,
   doc.parent.mkdir(parents=True, exist_ok=True)
   ok, bodies, headlines, problems = True, [], [], []
   for sec in secs:
-    regen = sec.command(quick, sec.out_dir if quick else None)
-    if sec.module is None:
-      body = f"_Not available: {sec.error}. `{regen}` will produce it._"
-      problems.append(sec.name)
-      ok &= not strict
-    elif not sec.has_results:
-      body = (f"_No results yet in `{_show(sec.out_dir)}`: `{regen}` produces them "
+    if sec.module is None or not (sec.out_dir / "results.json").is_file():
+      body = (f"_Not available: {sec.error}. `{sec.command(quick)}` will produce it._"
+              if sec.module is None else
+              f"_No results yet in `{H.show(sec.out_dir)}`: `{sec.command(quick)}` produces them "
               f"(or `python experiments/report.py --run {sec.name}`)._")
       problems.append(sec.name)
       ok &= not strict
@@ -195,13 +144,12 @@ def render_all(secs: list[Section], doc: pathlib.Path, quick: bool,
         body = f"_render() failed:_\n\n```\n{traceback.format_exc(limit=3)}```"
         print(f"{sec.name}: render failed\n{traceback.format_exc()}", file=sys.stderr)
         ok = False
-      hook = getattr(sec.module, "headline", None)
-      if hook is not None:
-        try:
-          headlines += [(sec, k, v) for k, v in hook(sec.out_dir).items()]
-        except Exception:  # noqa: BLE001
-          print(f"{sec.name}: headline failed\n{traceback.format_exc()}", file=sys.stderr)
-          ok = False
+      try:
+        hook = getattr(sec.module, "headline", lambda out_dir: {})
+        headlines += [(sec, k, v) for k, v in hook(sec.out_dir).items()]
+      except Exception:  # noqa: BLE001
+        print(f"{sec.name}: headline failed\n{traceback.format_exc()}", file=sys.stderr)
+        ok = False
     bodies.append(f"## {sec.title}\n\n{body.strip()}\n")
 
   head = ["# Results", ""]
@@ -214,8 +162,8 @@ def render_all(secs: list[Section], doc: pathlib.Path, quick: bool,
            "that produced its figures.", "",
            "## Headline figures", ""]
   if headlines:
-    head += ["| section | figure | value |", "|---|---|---|"]
-    head += [f"| {sec.title} | {k} | {v} |" for sec, k, v in headlines]
+    head += H.table(["section", "figure", "value"], [(s.title, k, v) for s, k, v in headlines],
+                    "|---|---|---|")
   else:
     head += ["_No section has headline figures yet._"]
   if problems:
@@ -250,22 +198,15 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.quick and not args.out:
     ap.error("--quick needs --out DIR (quick results must not replace experiments/results)")
-  root = pathlib.Path(args.out).resolve() if args.out else DEFAULT_RESULTS
+  root = pathlib.Path(args.out).resolve() if args.out else H.RESULTS
   doc = pathlib.Path(args.doc) if args.doc else (root / "results.md" if args.out else DEFAULT_DOC)
-  if args.run is None:
-    names = list(NAMES) if args.quick else []
-  elif args.run.strip() == "all":
-    names = list(NAMES)
-  else:
-    names = [n.strip() for n in args.run.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NAMES]
-    if unknown:
-      ap.error(f"--run: unknown section(s) {unknown}; choose from {', '.join(NAMES)} or all")
-  secs = sections(root)
-  ok = True
+  run = "all" if args.quick and args.run is None else (args.run or "").strip()
+  names = list(NAMES) if run == "all" else [n.strip() for n in run.split(",") if n.strip()]
+  if unknown := [n for n in names if n not in NAMES]:
+    ap.error(f"--run: unknown section(s) {unknown}; choose from {', '.join(NAMES)} or all")
+  secs, ok = sections(root), True
   if names:
-    timeout = args.timeout if args.timeout else (300.0 if args.quick else None)
-    t0 = time.time()
+    t0, timeout = time.time(), args.timeout or (300.0 if args.quick else None)
     ok = run_sections([s for s in secs if s.name in names], args.quick, args.jobs, timeout)
     print(f"ran {len(names)} section(s) in {time.time() - t0:.1f} s", flush=True)
   ok &= render_all(secs, doc, args.quick, args.strict)
