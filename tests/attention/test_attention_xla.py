@@ -121,7 +121,8 @@ def test_xla_matches_dense_reference_bf16(name):
   assert o.shape[1] == tq
 
 
-@pytest.mark.parametrize("name", ["causal", "or_and_document", "empty_rows"])
+@pytest.mark.parametrize("name", ["empty_rows", pytest.param("causal", marks=pytest.mark.slow),
+                                  pytest.param("or_and_document", marks=pytest.mark.slow)])
 def test_pairs_in_several_chunks_match_reference(name, monkeypatch):
   """Sparse mode with the pairs of a slice split into chunks of 4 (query rows whose pairs span
   chunks, padding pairs, rows without keys): the same forward and gradients."""
