@@ -22,7 +22,7 @@ largest batch in 80 GB: 13 (bf16) / 26 (coat) sequences per device.
 Llama-2-7B's shape, single-device mode: mesh data=1, fsdp=1 (no FSDP) and 1 sequence of 2048;
 `--mesh=fsdp=8` shards it like the others, `--batch=N` sets the sequences. A suffix `@N` keeps
 N layers, e.g. `7b@4`: the 32-layer 7b step needs more than the 23 GB of this machine's memory
-to compile, so memory.py extrapolates 7b from `7b@2` and `7b@4`.)
+to compile, so memory.py extrapolates 7b from `7b@4` and `7b@8`.)
 
 Multi-head attention (n_kv_heads = n_heads, as Llama-2), untied embedding and output head,
 d_ff = 8/3 d_model rounded down to a multiple of 256, sequence length 2048, bfloat16 compute with

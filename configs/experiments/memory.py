@@ -25,9 +25,9 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         # whose largest batch is searched (the goal's pair first: --resume continues it)
         search_sizes=("1b",), search_recipes=("bf16", "coat", "hif8", "fp8_linear"),
         # one device (no FSDP), batch 1, then the largest batch in `budget`
-        # extrapolated from compiles of 7b@2 and 7b@4 at 1 and 2 sequences (32 layers: > 23 GB
-        # of compiler memory); batch 2 only where batch 1 fits the budget
-        single_size="7b", single_mesh="fsdp=1", single_layers=(2, 4), single_batches=(1, 2),
+        # extrapolated from compiles of 7b@4 and 7b@8 at 1 and 4 sequences (32 layers: > 23 GB
+        # of compiler memory); batch 4 only where batch 1 fits the budget
+        single_size="7b", single_mesh="fsdp=1", single_layers=(4, 8), single_batches=(1, 4),
         single_recipes=("coat_sr", "coat", "bf16_sr", "bf16")))
   if arg == "quick":
     return ml_collections.ConfigDict(dict(
