@@ -7,7 +7,7 @@ Hardware: no accelerator: the train step is compiled ahead of time for 8 simulat
 (FSDP over all 8) and nothing is allocated. One compile on 2 CPU cores: 20-40 s (bf16), 50-75 s
 (fp8_linear), 2.5-8 min (coat, hif8) of CPU; the whole section about 55 min of CPU.
 Expected (4 sequences of 2048 per device; GB = 1e9 bytes per device; docs/results.md section 1):
-1b: params 0.51, grads 0.51, optimizer 1.03 (bf16) / 0.27 (coat), peak 27.4 (bf16) / 12.8 (coat);
+1b: params 0.51, grads 0.51, optimizer 1.03 (bf16) / 0.27 (coat), peak 26.3 (bf16) / 11.2 (coat);
 largest batch in 80 GB: 13 (bf16) / 26 (coat) sequences per device.
 
 | variant | d_model | layers | heads | d_ff | vocab | parameters    |

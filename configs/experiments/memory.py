@@ -8,7 +8,7 @@ Command:  python experiments/memory.py --jobs=2           (get_config("full"): 1
           measures only what OUT/results.json lacks)
           python experiments/memory.py --quick --out DIR  (get_config("quick"): the tiny model,
           every recipe, tiny on one device for coat_sr; about 2 min of CPU)
-Expected (docs/results.md section 1): 1b peak 27.4 GB (bf16) -> 12.8 GB (coat), 2.15x; largest
+Expected (docs/results.md section 1): 1b peak 26.3 GB (bf16) -> 11.2 GB (coat), 2.35x; largest
 batch in 80 GB 13 -> 26 sequences per device (2.00x).
 """
 
