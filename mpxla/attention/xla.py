@@ -7,10 +7,11 @@ of static capacity `bm.max_pairs` per [batch, mask head]; per pair
     m = segment_max(rowmax(s)) over the pairs of a query block,  p = exp(s - m)
     o = segment_sum(p @ v_blk) / segment_sum(rowsum(p)),  lse = m + log(l)
 
-so the work grows with the number of non-empty blocks. When the capacity covers most pairs
-(> DENSE_THRESHOLD) the same math runs against all keys instead ("dense mode"), one chunk of
-block_q query rows at a time (a `lax.scan`: the float32 scores of one [block_q, kv_len] strip
-per batch and head exist at once, in the backward pass too).
+so the work grows with the number of non-empty blocks; the pairs of a slice are computed
+PAIR_CHUNK at a time (partial sums merged), and gathered per batch element. When the capacity
+covers most pairs (> DENSE_THRESHOLD) the same math runs against all keys instead ("dense
+mode"), one chunk of block_q query rows at a time (a `lax.scan`: the float32 scores of one
+[block_q, kv_len] strip per batch and head exist at once, in the backward pass too).
 Fully masked rows give output 0 and lse = -inf.
 
 The custom VJP saves only q, k, v, the output and lse (plus the mask's int32 arrays) and
@@ -85,7 +86,9 @@ def _attention_fwd(q, k, v, bm, cfg):
 def _attention_bwd(cfg, res, do):
   q, k, v, o, lse, bm = res
   # Not recognizable by XLA as the forward's q, k, v, o, so their float32 copies are not
-  # merged with the forward's and kept alive from one pass to the other (docs/xla_cpu.md).
+  # merged with the forward's and kept alive from one pass to the other (docs/xla_cpu.md);
+  # computed once do exists, so that the score blocks recomputed from them (which depend on
+  # nothing from the layers above) are not recomputed for every layer at once.
   q, k, v, o = (after(a, lse, do) for a in (q, k, v, o))
   dq, dk, dv = _backward(q, k, v, o, lse, do, bm, cfg)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_cotangent(bm)
