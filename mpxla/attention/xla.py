@@ -422,7 +422,7 @@ def _sparse(q, k, v, bwd, bm, cfg):
   h_idx = jnp.arange(lay.hm, dtype=jnp.int32)[None, :, None]
 
   def pair_mask(qt, kt, r, c, f, va):  # one batch element's pairs: [Hm * cp, bq, bk]
-    pair_h = jnp.repeat(h_idx[0, :, 0], r.shape[0] // lay.hm)[:, None]
+    pair_h = jnp.repeat(jnp.arange(lay.hm, dtype=jnp.int32), r.shape[0] // lay.hm)[:, None]
     qi = (pair_h, r[:, None] * bq + jnp.arange(bq))
     ki = (pair_h, c[:, None] * bk + jnp.arange(bk))
     return _pair_mask(bm.mask, jnp.moveaxis(qt, 1, 0), jnp.moveaxis(kt, 1, 0), qi, ki, f, va,
@@ -437,27 +437,27 @@ def _sparse(q, k, v, bwd, bm, cfg):
            for i, x in enumerate(_pairs(bm))]
   chunks = [[x[..., j * cp:(j + 1) * cp] for x in pairs] for j in range(n_chunks)]
 
-  def scores(xs, j):  # one chunk: rows, cols [N'], s (masked to -inf), raw [N', Hkm, Gp, bq, bk]
+  def scores(xs):  # one chunk: rows, cols [N'], s (masked to -inf), raw [N', Hkm, Gp, bq, bk]
     row, col, _, _ = xs
     rows, cols = (row + h_idx * nq).reshape(-1), (col + h_idx * nk).reshape(-1)
     allowed = jax.vmap(pair_mask)(q_tok, kv_tok, *(x.reshape(b, -1) for x in xs))
     s, raw = _scores(take(qg, rows), take(kg, cols), cfg, gp)
-    s = jnp.where(allowed.reshape((-1, 1, 1) + allowed.shape[2:]), s, _neg_inf(j))
+    s = jnp.where(allowed.reshape((-1, 1, 1) + allowed.shape[2:]), s, -jnp.inf)
     return rows, cols, s, raw
 
   def over_chunks(body, merge):  # merge(..merge(body(chunk 0), body(chunk 1)).., body(last))
     out = None
-    for j, (row, col, full, valid) in enumerate(chunks):
-      if out is not None:  # chunk j's blocks once chunk j - 1 is merged: one chunk at a time
+    for row, col, full, valid in chunks:
+      if out is not None:  # a chunk's blocks once the previous chunk is merged: one chunk at a time
         row, col = (after(x, jax.tree.leaves(out)[0]) for x in (row, col))
-      new = body((row, col, full, valid), j)
+      new = body((row, col, full, valid))
       out = new if out is None else merge(out, new)
     return out
 
   if bwd is None:
 
-    def forward(xs, j):  # one chunk: row max m, row sum of exp(s - m), sum of p v
-      rows, cols, s, _ = scores(xs, j)
+    def forward(xs):  # one chunk: row max m, row sum of exp(s - m), sum of p v
+      rows, cols, s, _ = scores(xs)
       m = seg(jnp.max(s, axis=-1), rows, n_rows, True, jax.ops.segment_max)
       p = jnp.exp(s - take(_safe(m), rows)[..., None])
       den = seg(jnp.sum(p, axis=-1), rows, n_rows, True)
@@ -478,8 +478,8 @@ def _sparse(q, k, v, bwd, bm, cfg):
   lse_g = _safe(flat(_lse_from_bht(lse, lay, nq, bq)))  # [B*Hm*nq, Hkm, Gp, bq]
   delta = jnp.sum(_split(og * dog, gp), axis=-1)
 
-  def backward(xs, j):  # one chunk's (dq, dk, dv)
-    rows, cols, s, raw = scores(xs, j)
+  def backward(xs):  # one chunk's (dq, dk, dv)
+    rows, cols, s, raw = scores(xs)
     dor = _split(take(dog, rows), gp)
     p = jnp.exp(s - take(lse_g, rows)[..., None])
     dv = seg(jnp.einsum("nhgqk,nhgqd->nhkd", p, dor), cols, n_cols)
