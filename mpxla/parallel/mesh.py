@@ -159,16 +159,25 @@ def _leaf_names(leaf) -> tuple[Any, tuple[str | None, ...] | None]:
   return leaf, None
 
 
+# Groups of FP8 optimizer states (mpxla.optim) and 1x128 scale blocks run along the last axis
+# in tiles of 128: a shard boundary inside a tile makes each update move whole moments.
+LAST_AXIS_TILE = 128
+
+
 def fsdp_spec(shape: Sequence[int], fsdp: int) -> P:
   """The rule for leaves without logical names: the largest dimension divisible by `fsdp`
-  (the first of equal ones) over 'fsdp'; leaves under 1024 elements, or with no divisible
-  dimension, replicated."""
+  (the first of equal ones) over 'fsdp', the last dimension only when its shards are
+  multiples of `LAST_AXIS_TILE` (else it is the fallback when no other dimension divides);
+  leaves under 1024 elements, or with no divisible dimension, replicated."""
   if fsdp == 1 or not shape or math.prod(shape) < 1024:
     return P()
-  for i in sorted(range(len(shape)), key=lambda i: (-shape[i], i)):
-    if shape[i] % fsdp == 0:
-      return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
-  return P()
+  last = len(shape) - 1
+  divisible = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
+  whole = [i for i in divisible if i != last or (shape[i] // fsdp) % LAST_AXIS_TILE == 0]
+  if not divisible:
+    return P()
+  i = min(whole or divisible, key=lambda i: (-shape[i], i))
+  return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
 
 
 def state_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES, *,

@@ -92,11 +92,13 @@ class Trainer:
 
   @functools.cached_property
   def state_shardings(self):
-    """Boxed parameters' logical names (`nn.with_logical_partitioning`: the MoE experts over
-    'expert') decide their shardings and those of the optimizer-state leaves of the same
-    shape whose path ends with theirs; a field of a container there (compressed moments:
-    codes, scales) keeps the parameter's mesh axes on its dimensions of the parameter's
-    sizes. Every other leaf follows `shard_unannotated`."""
+    """Each parameter's sharding: from its logical names if boxed
+    (`nn.with_logical_partitioning`: the MoE experts over 'expert'), else `shard_unannotated`.
+    Optimizer-state leaves whose path ends with a parameter's follow it: the same sharding
+    at the same shape; a field of a container there (compressed moments: codes, scales)
+    keeps the parameter's mesh axes on its dimensions of the parameter's sizes and on a
+    grouped dimension (size dividing the parameter's) with whole groups per shard. Every
+    other leaf follows `shard_unannotated`."""
     from flax.linen import LogicallyPartitioned
 
     abstract = self._abstract_init()
@@ -107,11 +109,17 @@ class Trainer:
     is_box = lambda x: isinstance(x, LogicallyPartitioned)  # noqa: E731
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]
     boxed_sh = jax.tree.leaves(parallel.state_shardings(boxed, self.mesh, shard_unannotated=True))
-    named = {tuple(path): (b.value.shape, s)
-             for (path, b), s in zip(leaves, boxed_sh, strict=True) if is_box(b)}
-    if not named:
-      return shardings
+    plain_sh = jax.tree.leaves(shardings["params"])
+    named = {tuple(path): (b.value.shape if is_box(b) else b.shape, s if is_box(b) else plain)
+             for (path, b), s, plain in zip(leaves, boxed_sh, plain_sh, strict=True)}
     lengths = sorted({len(p) for p in named})
+
+    def kept(axes, dim, pdim):
+      if dim == pdim:
+        return axes
+      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      size = math.prod(self.mesh.shape[a] for a in names)
+      return axes if pdim % dim == 0 and dim % size == 0 else None
 
     def follow(path, leaf, sharding):
       shape = getattr(leaf, "shape", None)
@@ -124,7 +132,7 @@ class Trainer:
             return s
           if field and len(shape) == len(pshape):
             spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
-            return NamedSharding(s.mesh, P(*[a if d == pd else None
+            return NamedSharding(s.mesh, P(*[kept(a, d, pd)
                                              for a, d, pd in zip(spec, shape, pshape, strict=True)]))
       return sharding
 
