@@ -13,16 +13,18 @@ Dispatch (`dispatch=`):
                       contiguous rows go through its SwiGLU as one grouped matmul
                       (`group_sizes_E` = pairs per expert), the rows are scaled by their
                       router weight and scatter-added back to their tokens. Cost:
-                      k * T * 3 * D * F multiply-adds (times E on XLA:CPU with
-                      'ragged_dot', see `grouped_matmul`), independent of E.
+                      k * T * 3 * D * F multiply-adds, independent of E (times E
+                      where XLA lowers 'ragged_dot' densely, see `grouped_matmul`).
   'dense'             the reference: every expert on every token, the combine weights
                       (zero off the top k) select; E times the FLOPs of one expert.
 
 Grouped matmul of the sparse dispatch (`grouped_matmul=`):
 
-  'ragged_dot' (default)  `jax.lax.ragged_dot`: the native grouped matmul on GPU/TPU.
-                          XLA:CPU lowers it as a masked dense dot over all E groups (the
-                          FLOPs of 'dense').
+  'ragged_dot' (default)  `jax.lax.ragged_dot`: TPU's native grouped matmul. XLA:CPU,
+                          and XLA:GPU unless a grouped GEMM is enabled (JAX's
+                          `jax_ragged_dot_use_gpu_pallas_triton_lowering`, XLA's cuDNN
+                          ragged-dot fusion), lower it as a masked dense dot over all E
+                          groups (the FLOPs of 'dense'; docs/nn.md).
   'blocks'                each expert's rows padded to a multiple of `block_size` rows;
                           block n multiplies [block_size, D] by its expert's [D, F]
                           (gathered): FLOPs (k T + E block_size) * D * F per matmul on every
