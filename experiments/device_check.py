@@ -181,7 +181,7 @@ def moe(dry, out, spent):
   parameters. XLA:CPU runs 'ragged_dot' as a dense dot over all E groups (docs/nn.md), and
   XLA:GPU's default rewrites it the same way; 'ragged_dot_pallas' sets JAX's
   `jax_ragged_dot_use_gpu_pallas_triton_lowering` (a Triton grouped matmul, where the JAX
-  has it)."""
+  has it); 'pallas_gpu' is mpxla's own Triton grouped matmul (no per-block weight copies)."""
   import jax
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
@@ -203,7 +203,7 @@ def moe(dry, out, spent):
     return jax.jit(jax.grad(lambda p, x: jnp.sum(y(p, x) * r).astype(jnp.float32), (0, 1))), p
 
   pallas = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
-  for name in ("mlp", "ragged_dot", "ragged_dot_pallas", "blocks"):
+  for name in ("mlp", "ragged_dot", "pallas_gpu", "ragged_dot_pallas", "blocks"):
     if spent():
       out[name] = "skipped: budget spent"
       continue

@@ -32,6 +32,14 @@ Grouped matmul of the sparse dispatch (`grouped_matmul=`):
                           expert-weight copies (B = block_size). `block_size=None`
                           picks the largest power of two <= k S / (16 E) (at most 128):
                           padding adds <= 1/16 of the rows, about 17 E weight copies.
+  'pallas_gpu'            the same block layout through a Pallas/Triton grouped matmul
+                          (`mpxla.nn._gmm_gpu`) that reads each block's expert weight in
+                          place: the FLOPs of 'blocks' without weight copies. Blocks of
+                          `block_size` rows, a power of two >= 16 (None: the 'blocks' rule,
+                          at least 16). For GPUs; on other backends it runs in Pallas
+                          interpret mode (correct, slow: for tests). Not yet timed on a GPU
+                          (the device check's MoE section does), hence not the default.
+FP8 expert matmuls (`fp8`) run with 'ragged_dot' only; the other two raise.
 
 Dispatch groups: with x of rank >= 3 ([B, ..., D]) every row of the leading axis is its own
 group (sorted independently, vmapped), so a batch sharded over its leading axis never
@@ -76,6 +84,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mpxla.nn import _gmm_gpu
 from mpxla.nn.fp8_dot import DotConfig
 from mpxla.nn.fp8_grouped import fp8_grouped_matmul
 from mpxla.parallel import experts as pexperts
@@ -137,7 +146,7 @@ def experts_swiglu(x, gate_ExDxF, up_ExDxF, down_ExFxD, combine_E, dtype):
 
 
 DISPATCHES = ("sparse", "dense")
-GROUPED_MATMULS = ("ragged_dot", "blocks")
+GROUPED_MATMULS = ("ragged_dot", "blocks", "pallas_gpu")
 
 
 def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
@@ -151,6 +160,8 @@ def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
     raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}.")
   if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
     raise ValueError(f"block_size must be None or a positive int, got {block_size!r}.")
+  if grouped_matmul == "pallas_gpu" and block_size is not None:
+    _gmm_gpu.check_block_rows(block_size)
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
@@ -216,6 +227,9 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
   G dispatch groups, each with its own group sizes; rows past sum(group_sizes) give 0.
   fp8: a `DotConfig` for FP8 expert matmuls (`fp8_grouped_matmul`; 'ragged_dot' only).
   """
+  if fp8 is not None and impl != "ragged_dot":
+    raise ValueError(f"FP8 expert matmuls (the MoE's fp8, set by mpxla.nn.quantize) run with "
+                     f"grouped_matmul='ragged_dot' only, got {impl!r}.")
   if impl == "ragged_dot":
     mm = ragged_matmul if fp8 is None else functools.partial(
         fp8_grouped_matmul, config=fp8, preferred_element_type=x_GxMxD.dtype)
@@ -223,17 +237,26 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
     u = mm(x_GxMxD, up_ExDxF, group_sizes_GxE)
     return mm(jax.nn.silu(g) * u, down_ExFxD, group_sizes_GxE)
   ng, rows, d = x_GxMxD.shape
-  block = block_size or auto_block_size(rows, gate_ExDxF.shape[0])
-  nblocks = -(-rows // block) + gate_ExDxF.shape[0]
+  e = gate_ExDxF.shape[0]
+  block = block_size or auto_block_size(rows, e)
+  if impl == "pallas_gpu":
+    block = block_size or max(16, block)
+    _gmm_gpu.check_block_rows(block)
+  nblocks = -(-rows // block) + e
   pos_GxM, expert_GxN = jax.vmap(lambda gs: block_layout(gs, rows, block))(group_sizes_GxE)
   xb = jax.vmap(lambda x, p: jnp.zeros((nblocks * block, d), x.dtype).at[p].set(x, mode="drop"))(
       x_GxMxD, pos_GxM)
-  xb_NxBxD = xb.reshape(ng * nblocks, block, d)
   expert_N = expert_GxN.reshape(-1)
-  g = jnp.einsum("nbd,ndf->nbf", xb_NxBxD, gate_ExDxF[expert_N])
-  u = jnp.einsum("nbd,ndf->nbf", xb_NxBxD, up_ExDxF[expert_N])
-  out_NxBxD = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, down_ExFxD[expert_N])
-  out_GxPxD = out_NxBxD.reshape(ng, nblocks * block, d)
+  if impl == "blocks":
+    def mm(a_PxK, w_ExKxN):  # block n times its expert's weight, gathered per block
+      a_NxBxK = a_PxK.reshape(ng * nblocks, block, a_PxK.shape[-1])
+      return jnp.einsum("nbk,nkf->nbf", a_NxBxK, w_ExKxN[expert_N]).reshape(-1, w_ExKxN.shape[-1])
+  else:
+    interpret = jax.default_backend() != "gpu"
+    mm = functools.partial(_gmm_gpu.gmm, expert_N=expert_N, block_rows=block, interpret=interpret)
+  xb_PxD = xb.reshape(ng * nblocks * block, d)
+  h_PxF = jax.nn.silu(mm(xb_PxD, gate_ExDxF)) * mm(xb_PxD, up_ExDxF)
+  out_GxPxD = mm(h_PxF, down_ExFxD).reshape(ng, nblocks * block, d)
   return jax.vmap(lambda o, p: o.at[p].get(mode="fill", fill_value=0))(out_GxPxD, pos_GxM)
 
 
@@ -385,7 +408,8 @@ class MoE(nn.Module):
     partitioned: attach logical axis names ('exp', 'embed', 'mlp') to the kernels.
     dispatch: 'sparse' (sorted tokens, grouped matmuls; default) | 'dense' (reference).
     capacity_factor: None (dropless) or > 0: C = ceil(capacity_factor * S * k / E).
-    grouped_matmul: 'ragged_dot' | 'blocks' (the sparse dispatch's grouped matmul).
+    grouped_matmul: 'ragged_dot' | 'blocks' | 'pallas_gpu' (the sparse dispatch's grouped
+      matmul).
     block_size: rows per block of 'blocks' (None: automatic).
     expert_axis: the mesh axis the experts are sharded over when the context mesh has it
       with size > 1 (expert parallelism, sparse dispatch); None: experts never sharded.

@@ -75,3 +75,12 @@ def test_nnx_moe_gets_fp8_experts():
   assert q.fp8 is not None and layer.fp8 is None
   y, y8 = layer(X), q(X)
   assert 0 < float(jnp.linalg.norm(y8 - y) / jnp.linalg.norm(y)) < 0.1
+
+
+def test_fp8_experts_with_another_grouped_matmul_raise():
+  """FP8 expert matmuls are ragged_dot only: 'blocks' or 'pallas_gpu' say so, never run
+  unquantized in silence."""
+  for impl in ("blocks", "pallas_gpu"):
+    moe = mnn.quantize(MoE(num_experts=E, d_ff=F, top_k=K, grouped_matmul=impl), "fp8_linear")
+    with pytest.raises(ValueError, match="grouped_matmul='ragged_dot'"):
+      jax.eval_shape(lambda x, m=moe: m.init_with_output(jax.random.key(0), x), X)

@@ -1,7 +1,7 @@
 """Sparse MoE dispatch (sorted pairs, grouped matmuls) vs the dense reference; capacity drops.
 
 Outputs and gradients (input, router kernel, expert weights) of the sparse layer, with both
-grouped matmuls ('ragged_dot', 'blocks'), equal the dense-dispatch layer's within 1e-5 in
+grouped matmuls ('ragged_dot', 'blocks', 'pallas_gpu'), equal the dense-dispatch layer's within 1e-5 in
 float32, Linen and NNX; the capacity's drops match a numpy count and a per-token reference.
 """
 
@@ -18,7 +18,8 @@ from mpxla.parallel import moe as pmoe
 
 B, T, D, E, F = 3, 7, 6, 4, 5  # 21 tokens: divisible by nothing convenient
 TOL = dict(rtol=1e-5, atol=1e-5)
-IMPLS = [dict(dispatch="sparse"), dict(grouped_matmul="blocks", block_size=2)]
+IMPLS = [dict(dispatch="sparse"), dict(grouped_matmul="blocks", block_size=2),
+         dict(grouped_matmul="pallas_gpu", block_size=16)]  # interpret mode on CPU
 
 
 def tokens(seed=0):
@@ -177,7 +178,8 @@ def test_bad_arguments_raise_value_errors_naming_them():
   x, v = tokens(), {"params": params(2, "random")}
   cases = [(dict(capacity_factor=0), "capacity_factor"), (dict(capacity_factor=-1.0),
            "capacity_factor"), (dict(dispatch="gather"), "dispatch"),
-           (dict(grouped_matmul="loop"), "grouped_matmul"), (dict(block_size=0), "block_size")]
+           (dict(grouped_matmul="loop"), "grouped_matmul"), (dict(block_size=0), "block_size"),
+           (dict(grouped_matmul="pallas_gpu", block_size=24), "block_size")]
   for kw, name in cases:
     with pytest.raises(ValueError, match=name):
       MoE(E, F, **kw).apply(v, x, mutable=["intermediates"])
