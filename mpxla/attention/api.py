@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from mpxla.attention import masks as M
 from mpxla.attention import pallas_gpu, pallas_tpu, reference, xla
 from mpxla.attention.block_mask import BlockMask, make_block_mask
-from mpxla.quant.sharding import auto_regroup
+from mpxla.quant.sharding import auto_regroup, per_batch_shard
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "reference")
 
@@ -81,9 +81,10 @@ def _attention(q, k, v, mask, *, scale, softcap, impl, block_q, block_kv, max_pa
   _check_block_mask(bm, b, tq, tk, h, hk)
   if impl == "xla":
     return xla.attention(q, k, v, bm, scale=scale, softcap=softcap)
-  if impl == "pallas_gpu":
-    return pallas_gpu.attention(q, k, v, bm, scale=scale, softcap=softcap, interpret=interpret)
-  return pallas_tpu.attention(q, k, v, bm, scale=scale, softcap=softcap, interpret=interpret)
+  kernel = (pallas_gpu if impl == "pallas_gpu" else pallas_tpu).attention
+  return per_batch_shard(  # a kernel is one custom call: per batch shard, not replicated
+      lambda q, k, v, bm: kernel(q, k, v, bm, scale=scale, softcap=softcap,
+                                 interpret=interpret), q, k, v, bm, batch=b)
 
 
 def _check_inputs(q, k, v, scale, softcap, impl):

@@ -36,7 +36,9 @@ Grouped matmul of the sparse dispatch (`grouped_matmul=`):
                           (`mpxla.nn._gmm_gpu`) that reads each block's expert weight in
                           place: the FLOPs of 'blocks' without weight copies. Blocks of
                           `block_size` rows, a power of two >= 16 (None: the 'blocks' rule,
-                          at least 16). For GPUs; on other backends it runs in Pallas
+                          at least 16); under a mesh whose batch axes split the groups the
+                          kernels run per batch shard (`shard_map`: XLA cannot split a
+                          custom call). For GPUs; on other backends it runs in Pallas
                           interpret mode (correct, slow: for tests). Not yet timed on a GPU
                           (the device check's MoE section does), hence not the default.
 FP8 expert matmuls (`fp8`) run with 'ragged_dot' only; the other two raise.
@@ -91,7 +93,7 @@ from mpxla.parallel import experts as pexperts
 from mpxla.parallel import moe as pmoe
 from mpxla.parallel.experts import combine_pairs, sort_pairs
 from mpxla.parallel.stats import AxisName
-from mpxla.quant.sharding import auto_regroup
+from mpxla.quant.sharding import auto_regroup, per_batch_shard
 
 Initializer = Callable[..., jax.Array]
 _default_init = nn.initializers.lecun_normal()
@@ -246,17 +248,27 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
   pos_GxM, expert_GxN = jax.vmap(lambda gs: block_layout(gs, rows, block))(group_sizes_GxE)
   xb = jax.vmap(lambda x, p: jnp.zeros((nblocks * block, d), x.dtype).at[p].set(x, mode="drop"))(
       x_GxMxD, pos_GxM)
-  expert_N = expert_GxN.reshape(-1)
+
+  def swiglu(xb_GxPxD, expert_GxN, gate, up, down):
+    n, expert_N = xb_GxPxD.shape[0], expert_GxN.reshape(-1)
+    if impl == "blocks":
+      def mm(a_PxK, w_ExKxN):  # block n times its expert's weight, gathered per block
+        a_NxBxK = a_PxK.reshape(-1, block, a_PxK.shape[-1])
+        return jnp.einsum("nbk,nkf->nbf", a_NxBxK, w_ExKxN[expert_N]).reshape(
+            -1, w_ExKxN.shape[-1])
+    else:
+      mm = functools.partial(_gmm_gpu.gmm, expert_N=expert_N, block_rows=block,
+                             interpret=jax.default_backend() != "gpu")
+    xb_PxD = xb_GxPxD.reshape(-1, d)
+    h_PxF = jax.nn.silu(mm(xb_PxD, gate)) * mm(xb_PxD, up)
+    return mm(h_PxF, down).reshape(n, nblocks * block, d)
+
+  wts = (gate_ExDxF, up_ExDxF, down_ExFxD)
   if impl == "blocks":
-    def mm(a_PxK, w_ExKxN):  # block n times its expert's weight, gathered per block
-      a_NxBxK = a_PxK.reshape(ng * nblocks, block, a_PxK.shape[-1])
-      return jnp.einsum("nbk,nkf->nbf", a_NxBxK, w_ExKxN[expert_N]).reshape(-1, w_ExKxN.shape[-1])
-  else:
-    interpret = jax.default_backend() != "gpu"
-    mm = functools.partial(_gmm_gpu.gmm, expert_N=expert_N, block_rows=block, interpret=interpret)
-  xb_PxD = xb.reshape(ng * nblocks * block, d)
-  h_PxF = jax.nn.silu(mm(xb_PxD, gate_ExDxF)) * mm(xb_PxD, up_ExDxF)
-  out_GxPxD = mm(h_PxF, down_ExFxD).reshape(ng, nblocks * block, d)
+    out_GxPxD = swiglu(xb, expert_GxN, *wts)
+  else:  # the kernels per batch shard of the dispatch groups (XLA cannot split a kernel)
+    out_GxPxD = per_batch_shard(swiglu, xb, expert_GxN, *wts, batch=ng,
+                                split=(True, True, False, False, False))
   return jax.vmap(lambda o, p: o.at[p].get(mode="fill", fill_value=0))(out_GxPxD, pos_GxM)
 
 

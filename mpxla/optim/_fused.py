@@ -23,6 +23,12 @@ parameter float32 or bfloat16 (float32 when the weight decay is an array or sche
 other leaves (small uncompressed leaves, last axes under 128, overridden settings) get the
 same arithmetic in XLA, leaf by leaf, bit-identical to the XLA path too.
 
+Under a mesh that splits the state (a context mesh with an axis other than 'data' of size > 1,
+FSDP for instance, or Explicit shardings on the leaf) every leaf takes the XLA path: a Pallas
+kernel is one custom call that XLA's SPMD partitioner cannot split, so it would gather each
+leaf whole onto every device; the XLA path updates each device's shard. Inside `shard_map`
+the kernel runs on the device's own leaves.
+
 Layouts. GPU: grid (row blocks, groups), tiles (block_rows, 128), metadata blocks
 (block_rows, 1). TPU: the same grid with the metadata as full-width (block_rows, groups)
 blocks revisited along the group axis ('arbitrary'), since Mosaic needs the last block dim
@@ -52,6 +58,7 @@ from mpxla.optim.compress import (
     is_compressed,
     make_config,
 )
+from mpxla.quant.sharding import explicit_sharding
 
 GROUP = 128
 _FMT = "e4m3"
@@ -290,10 +297,23 @@ def _pallas_update(g2, p2, m: tuple, v: tuple, scal, seeds, spec: _Spec, u_dtype
 # Per leaf.
 
 
+def _whole_on_each_device(x) -> bool:
+  """Whether `x` is not split across devices: no mesh axis in its type (Explicit sharding),
+  and no context-mesh axis of size > 1 besides 'data' (data parallelism replicates the
+  state) unless Manual (inside `shard_map` every leaf is a device's own)."""
+  if explicit_sharding(x):
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or all(size == 1 or name == "data" or name in mesh.manual_axes
+                           for name, size in mesh.shape.items())
+
+
 def _kernel_leaf(g, p, mu, nu, hp: _Hyper, dyn_dtypes) -> bool:
   """Whether this leaf goes through the kernel (see the module docstring)."""
   if not (is_compressed(mu) and is_compressed(nu) and p is not None):
     return False
+  if not (_whole_on_each_device(g) and _whole_on_each_device(p)):
+    return False  # A kernel is one custom call: XLA would gather a split leaf whole.
   for c in (mu, nu):
     if not (kernel_config(c.config) and c.dtype == np.float32 and c.k16 is not None
             and c.shape == tuple(g.shape) and len(c.shape) >= 1

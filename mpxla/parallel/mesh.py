@@ -26,8 +26,9 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mpxla.quant.sharding import BATCH_AXES
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axes. Parameter axes: embed, mlp, heads, kv, vocab, exp (MoE
 # experts), norm (normalization features). Activation axes: batch, length, act_embed,

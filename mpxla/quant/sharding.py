@@ -10,15 +10,24 @@ sharding-in-types rule for it. `auto_regroup` runs such code with the mesh axes 
 (`jax.sharding.auto_axes`), and `input_mesh` supplies the mesh from the input's type when no
 `jax.set_mesh` context is set.
 
+Custom calls (Pallas kernels) are opaque to XLA's SPMD partitioner, which replicates their
+operands: `per_batch_shard` runs such a function on each device's batch shard instead.
+
 Shared by mpxla.nn, mpxla.parallel and mpxla.attention.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 
 import jax
 from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+# The mesh axes a batch is split over, outer first (MaxText's layout; mpxla.parallel's meshes).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def varying_axes(x: jax.Array) -> frozenset[str]:
@@ -87,3 +96,34 @@ def auto_regroup(f, x: jax.Array, *args, out_specs):
     return f(x, *args)
   with input_mesh(x):
     return jax.sharding.auto_axes(f, out_sharding=out_specs)(x, *args)
+
+
+def per_batch_shard(f, *args, batch: int, split=None):
+  """`f(*args)`, run per batch shard under the context mesh (`shard_map`) when its batch axes
+  (`BATCH_AXES`, not Manual) split `batch`; else `f(*args)` as is.
+
+  `split`, one entry per argument: True splits every leaf's leading axis over those axes,
+  False replicates the argument, None (and `split=None` for all) splits the array leaves of
+  rank >= 2 whose leading size is `batch` and replicates the rest. The outputs (leading axis
+  `batch`) are split the same way. f must treat the batch rows independently. Used for Pallas
+  kernels, which XLA's partitioner would otherwise run whole on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return f(*args)
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1
+               and a not in mesh.manual_axes)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if shards == 1 or batch % shards:
+    return f(*args)
+
+  def spec(how, x):
+    if how is None:
+      how = getattr(x, "ndim", 0) >= 2 and x.shape[0] == batch
+    return P(axes) if how else P()
+
+  split = (None,) * len(args) if split is None else split
+  in_specs = tuple(jax.tree.map(functools.partial(spec, how), a) for how, a in
+                   zip(split, args, strict=True))
+  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
+                       check_vma=False)(*args)

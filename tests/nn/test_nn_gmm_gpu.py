@@ -56,3 +56,29 @@ def test_kernels_lower_to_triton():
   text = jax.jit(grads).trace(jnp.asarray(x), jnp.asarray(w)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dx (the forward on w^T), dw
+
+
+@pytest.mark.slow  # ~25 s: interpret mode on 8 devices; the same wrapper as attention's
+def test_moe_runs_the_kernels_per_batch_shard():
+  """Under a mesh splitting the batch, the MoE's 'pallas_gpu' kernels run on each device's
+  dispatch groups (`shard_map`: XLA cannot split a custom call), equal to the dense layer."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from mpxla.nn.moe import MoE
+
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 12, 16)), jnp.float32)
+  dense, sparse = MoE(4, 24, dispatch="dense"), MoE(4, 24, grouped_matmul="pallas_gpu")
+  params = dense.init(jax.random.key(0), x)["params"]
+
+  def grads(model):
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(model.apply(
+        {"params": p}, x, mutable=["intermediates"])[0])), (0, 1)))
+
+  want = grads(dense)(params, x)
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+    got = grads(sparse)(params, xs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -230,3 +230,27 @@ def _device_agreement(layout):
                            jax.tree.leaves(s_fused, is_leaf=mo.is_compressed), strict=False)
            if mo.is_compressed(a)]
   return sum(int((a == b).sum()) for a, b in codes) / sum(a.size for a, _ in codes)
+
+
+def test_split_leaves_take_the_xla_path():
+  """A kernel is one custom call, which XLA's partitioner would run on whole, gathered leaves:
+  under a mesh that splits the state (fsdp, or Explicit shardings) no leaf reaches it; under
+  data parallelism alone (replicated state) and without a mesh both kernel leaves do."""
+  def triton_calls(shape, names, axis_type=jax.sharding.AxisType.Auto, spec=None):
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+    params = {k: jnp.zeros(s) for k, s in {"a": (256, 384), "b": (64, 200)}.items()}
+    opt = mo.adamw_fp8(1e-3, impl="pallas_gpu")
+    with jax.set_mesh(mesh):
+      if spec is not None:
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, spec))
+      state = jax.eval_shape(opt.init, params)
+      text = jax.jit(opt.update).trace(params, state, params).lower(
+          lowering_platforms=("cuda",)).as_text()
+    return text.count("__gpu$xla.gpu.triton")
+
+  assert triton_calls((8,), ("fsdp",)) == 0
+  assert triton_calls((2, 4), ("data", "fsdp")) == 0
+  assert triton_calls((8,), ("data",)) == 2
+  explicit = jax.sharding.AxisType.Explicit
+  assert triton_calls((8,), ("data",), explicit, jax.sharding.PartitionSpec("data")) == 0
+  assert triton_calls((8,), ("data",), explicit) == 2
