@@ -38,7 +38,8 @@ def _mesh(axis_type):
   return jax.make_mesh((2, 4), BATCH, axis_types=(axis_type,) * 2)
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, pytest.param(
+    AxisType.Explicit, marks=pytest.mark.slow)])  # (the wrapper runs under Auto axes in both)
 def test_kernels_per_batch_shard_match_reference(axis_type):
   args = _inputs()
   want = _grads(*args, "reference")

@@ -103,7 +103,7 @@ def test_nnx_sparse_equals_dense_and_linen():
   p, x, r = params(2, "unused"), tokens(), probe()
   y_ref, g_ref, gx_ref = nnx_grads(nnx_model(p, 2, dispatch="dense"), x, r)
   (_, (y_linen, _)), (_, gx_linen) = linen_grads(MoE(E, F, 2), p, x, r)
-  for impl in IMPLS:
+  for impl in IMPLS[:2]:  # (the grouped matmul is shared with Linen, tested above)
     y, g, gx = nnx_grads(nnx_model(p, 2, **impl), x, r)
     np.testing.assert_allclose(y, y_ref, **TOL)
     np.testing.assert_allclose(gx, gx_ref, **TOL)
