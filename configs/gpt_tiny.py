@@ -42,6 +42,7 @@ def get_config(variant: str = "bf16") -> ml_collections.ConfigDict:
   if moe:
     c.model.update(num_experts=8, moe_top_k=2, moe_every=2, moe_d_ff=192)
     c.model.moe_dispatch = "sparse"
+    c.model.moe_grouped_matmul = "ragged_dot"  # 'pallas_gpu' on a GPU: docs/nn.md
   c.aux_loss_weight = 0.01
 
   c.data = ml_collections.ConfigDict(dict(name="stdlib_bytes", seq_len=128, batch_size=16,

@@ -41,6 +41,7 @@ class GPTConfig:
   moe_axis_name: str | tuple[str, ...] | None = None
   moe_dispatch: str = "sparse"  # 'sparse' (sorted tokens, grouped matmuls) | 'dense' (reference)
   moe_capacity_factor: float | None = None  # None: dropless
+  moe_grouped_matmul: str = "ragged_dot"  # 'ragged_dot' | 'blocks' | 'pallas_gpu' (nn/moe.py)
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -100,7 +101,7 @@ class Block(nn.Module):
       moe = MoE(num_experts=c.num_experts, top_k=c.moe_top_k, d_ff=c.moe_d_ff or c.d_ff,
                 dtype=c.dtype, lbl_scope=c.moe_lbl_scope, axis_name=_axes(c.moe_axis_name),
                 dispatch=c.moe_dispatch, capacity_factor=c.moe_capacity_factor,
-                partitioned=True, name="moe")  # experts over 'expert' (state_shardings)
+                grouped_matmul=c.moe_grouped_matmul, partitioned=True, name="moe")  # experts over 'expert' (state_shardings)
       return x_BxTxD + moe(h, mask=segment_ids_BxT > 0)  # padding takes no expert capacity
     return x_BxTxD + SwiGLU(c.d_ff, c.dtype, name="mlp")(h)
 
