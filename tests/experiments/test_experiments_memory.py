@@ -33,6 +33,7 @@ def _shard_bytes(shape, devices=8, itemsize=4):
   return itemsize * (n // devices if split else n)
 
 
+@pytest.mark.slow  # ~20 s: a subprocess compiling a tiny 8-device coat step
 def test_json_cli_tiny_coat():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(

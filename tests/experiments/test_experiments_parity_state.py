@@ -178,6 +178,7 @@ def _check_parity(out, recipes):
   return res
 
 
+@pytest.mark.slow  # ~13 s: a quick parity run (also run by report.py --quick, test_report.py)
 def test_parity_quick_bf16(tmp_path):
   parity.run(tmp_path, quick=True, recipes=("bf16",))
   res = _check_parity(tmp_path, ("bf16",))
