@@ -30,8 +30,8 @@ def test_rotary_matches_complex_rotation():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["auto", "dense_jax"])
-def test_gpt_documents_are_independent(impl):
+@pytest.mark.parametrize("impl", [pytest.param("auto", marks=pytest.mark.slow), "dense_jax"])
+def test_gpt_documents_are_independent(impl):  # auto (~19 s): the XLA path, tested in tests/attention
   cfg = GPTConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32",
                   attention_impl=impl, attention_block=8)
   model = GPT(cfg)

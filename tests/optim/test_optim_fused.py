@@ -74,7 +74,7 @@ def _compare(shapes, steps, layout, block_rows, kw=None, params_dtype=jnp.float3
   return s_fused
 
 
-@pytest.mark.slow  # default tier: the TPU-layout and bf16 cases
+@pytest.mark.slow  # default tier: the GPU layout on the schedule, mask and one-leaf cases
 def test_gpu_layout_bit_identical_gpt_shaped():
   """Stochastic rounding (the default), 3 steps; blocks of 16 rows (partial last blocks)."""
   shapes = _gpt_shapes(vocab=260)
@@ -87,6 +87,7 @@ def test_gpu_layout_bit_identical_gpt_shaped():
   assert adam.mu["odd"]["narrow"].group_size == 64  # XLA fallback leaf
 
 
+@pytest.mark.slow  # ~15 s in interpret mode; the default tier lowers this layout to Mosaic
 def test_tpu_layout_bit_identical_gpt_shaped():
   state = _compare({"wte": (260, 128), "t": (37, 200), "b": (128,)}, 1, "tpu", 32)
   assert mo.is_compressed(state[0].mu["wte"]) and int(state[0].count) == 1
@@ -136,7 +137,7 @@ def test_bit_identical_with_weight_decay_mask():
   assert int(state[1].inner_state.count) == 1
 
 
-@pytest.mark.slow  # default tier: the TPU-layout and bf16 cases
+@pytest.mark.slow  # default tier: the GPU layout on the schedule, mask and one-leaf cases
 def test_kernel_leaf_selection():
   g = jnp.zeros((8, 512))
   opt = mo.adamw_fp8(1e-3)
