@@ -243,7 +243,6 @@ def grouped_swiglu(x_GxMxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_GxE, *
   block = block_size or auto_block_size(rows, e)
   if impl == "pallas_gpu":
     block = block_size or max(16, block)
-    _gmm_gpu.check_block_rows(block)
   nblocks = -(-rows // block) + e
   pos_GxM, expert_GxN = jax.vmap(lambda gs: block_layout(gs, rows, block))(group_sizes_GxE)
   xb = jax.vmap(lambda x, p: jnp.zeros((nblocks * block, d), x.dtype).at[p].set(x, mode="drop"))(

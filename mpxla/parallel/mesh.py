@@ -140,12 +140,14 @@ def logical_to_spec(
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
   if shape is None or mesh is None:
     return spec
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
-    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(axes if size and dim % size == 0 else None)
-  return P(*out)
+  return P(*[axes if dim % spec_size(axes, mesh) == 0 else None for dim, axes in
+             zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False)])
+
+
+def spec_size(axes: str | Sequence[str] | None, mesh) -> int:
+  """Devices one PartitionSpec entry (None, an axis name or a tuple of them) splits over."""
+  names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return math.prod(mesh.shape[a] for a in names)
 
 
 def _leaf_names(leaf) -> tuple[Any, tuple[str | None, ...] | None]:

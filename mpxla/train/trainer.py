@@ -114,12 +114,11 @@ class Trainer:
              for (path, b), s, plain in zip(leaves, boxed_sh, plain_sh, strict=True)}
     lengths = sorted({len(p) for p in named})
 
-    def kept(axes, dim, pdim):
+    def kept(axes, dim, pdim):  # a grouped dimension keeps the axes with whole groups
       if dim == pdim:
         return axes
-      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-      size = math.prod(self.mesh.shape[a] for a in names)
-      return axes if pdim % dim == 0 and dim % size == 0 else None
+      return axes if pdim % dim == 0 and dim % parallel.mesh.spec_size(axes, self.mesh) == 0 \
+          else None
 
     def follow(path, leaf, sharding):
       shape = getattr(leaf, "shape", None)
