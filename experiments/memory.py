@@ -75,7 +75,7 @@ def resolve_mesh(mesh: dict[str, int]) -> dict[str, int]:
 def load_config(spec: str, recipe: str, per_device_batch: int | None = None,
                 mesh: dict[str, int] | None = None):
   """(the config of `spec` with the recipe, the resolved mesh and the per-device batch set, the
-  number of devices the batch is split over)."""
+  number of devices the batch is split over); imports no JAX."""
   from mpxla.train import config as config_lib
 
   config = config_lib.load(spec)
@@ -85,7 +85,7 @@ def load_config(spec: str, recipe: str, per_device_batch: int | None = None,
   if per_device_batch is None:
     per_device_batch = config.data.batch_size // batch_devices
   if per_device_batch < 1:
-    raise ValueError(f"batch={per_device_batch}: need at least one sequence per device.")
+    raise ValueError(f"--batch={per_device_batch}: need at least one sequence per device.")
   config.data.batch_size = per_device_batch * batch_devices
   return config, batch_devices
 
@@ -150,22 +150,17 @@ def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int
   """The largest per-device batch b with peak_at(b) <= budget, by affine extrapolation from
   `points` ({batch: peak}, at least one; `fixed`: the batch-independent bytes if known), verified
   by compiling b and b + 1 (docs/results_prose.md, memory/method)."""
-  points = dict(points)
-  measured: list[int] = []
-
-  def compile_at(b: int) -> None:
-    points[b] = int(peak_at(b))
-    measured.append(b)
-
+  points, compiles, predicted = dict(points), 0, None
   if len(points) == 1:
     (b0, p0), = points.items()
     if fixed is not None and p0 > fixed:
       second = math.floor((budget - fixed) / ((p0 - fixed) / b0))
     else:
       second = 2 * b0 if p0 <= budget else b0 // 2
-    compile_at(max(1, second if second != b0 else b0 + 1))
-  predicted = None
-  while len(measured) < max_compiles:
+    second = max(1, second if second != b0 else b0 + 1)
+    points[second] = int(peak_at(second))
+    compiles = 1
+  while compiles < max_compiles:
     lo = max((b for b, p in points.items() if p <= budget), default=0)
     hi = min((b for b, p in points.items() if p > budget), default=None)
     if hi == lo + 1:
@@ -176,10 +171,12 @@ def largest_batch(peak_at: Callable[[int], int], budget: float, points: dict[int
     guess = math.floor(b1 + (budget - p1) / slope) if slope > 0 else 2 * max(lo, 1)
     predicted = guess if predicted is None else predicted
     guess = max(guess, lo + 1)
-    compile_at(guess if hi is None else min(guess, hi - 1))
+    guess = guess if hi is None else min(guess, hi - 1)
+    points[guess] = int(peak_at(guess))
+    compiles += 1
   best = max((b for b, p in points.items() if p <= budget), default=0)
   return {"budget": budget, "largest_batch": best, "peak_at_largest": points.get(best),
-          "predicted": predicted, "compiles": len(measured),
+          "predicted": predicted, "compiles": compiles,
           "verified": best + 1 in points and points[best + 1] > budget,
           "points": {str(b): points[b] for b in sorted(points)}}
 
@@ -223,18 +220,16 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   shutil.copytree(pathlib.Path(mpxla.__file__).parent, src / "mpxla",
                   ignore=shutil.ignore_patterns("__pycache__"))
   source = H.source_hash(src, CONFIG)
-  cache_path = out_dir / "runs" / "measurements.jsonl"
-  cache, lock = {}, threading.Lock()
-  for line in cache_path.read_text().splitlines() if resume and cache_path.exists() else ():
-    r = json.loads(line)
-    if r.get("source") == source:
-      cache[(r["config"], r["recipe"], r["batch_per_device"], r.get("mesh_arg"))] = r
+  cache_path, lock = out_dir / "runs" / "measurements.jsonl", threading.Lock()
+  saved = cache_path.read_text().splitlines() if resume and cache_path.exists() else []
+  cache = {(r["config"], r["recipe"], r["batch_per_device"], r.get("mesh_arg")): r
+           for r in map(json.loads, saved) if r.get("source") == source}
   if not resume:
     cache_path.unlink(missing_ok=True)
+  log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
 
   def measure_cached(spec, recipe, b, explain=False, mesh=None):
-    with lock:
-      r = cache.get((spec, recipe, b, mesh))
+    r = cache.get((spec, recipe, b, mesh))
     if r is None or (explain and "peak_composition" not in r):
       r = measure(spec, recipe, b, explain=explain) if jobs == 1 and not mesh else \
           _measure_subprocess(spec, recipe, b, explain, src, mesh)  # a mesh: its own devices
@@ -257,32 +252,26 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
   kept.update({(s["size"], s["recipe"], "search"): s for s in old.get("searches", [])})
 
   def table_row(size, recipe):
-    if (size, recipe) in kept:
-      return kept[size, recipe]
     row = {**measure_cached(f"{CONFIG}:{size}", recipe, batch, explain=True), "size": size}
-    _log(f"{size:>5} {recipe:<10} peak {row['peak'] / 1e9:7.2f} GB "
-         f"(compile {row['compile_cpu_s']:.0f} s CPU)")
+    log(f"{size:>5} {recipe:<10} peak {row['peak'] / 1e9:7.2f} GB "
+        f"(compile {row['compile_cpu_s']:.0f} s CPU)")
     return row
 
   def search_batch(size, recipe):
-    if (size, recipe, "search") in kept:
-      return kept[size, recipe, "search"]
     row = next(r for r in rows if r["size"] == size and r["recipe"] == recipe)
 
     def peak_at(b):
-      _log(f"  search {size} {recipe}: batch {b}")
+      log(f"  search {size} {recipe}: batch {b}")
       return measure_cached(f"{CONFIG}:{size}", recipe, b)["peak"]
 
     fixed = row["peak"] - row["activations"]  # state, grads, batch: no activations
     result = largest_batch(peak_at, budget, {row["batch_per_device"]: row["peak"]}, fixed)
-    _log(f"{size:>5} {recipe:<10} largest batch {result['largest_batch']} per device "
-         f"(predicted {result['predicted']}, {result['compiles']} compiles)")
+    log(f"{size:>5} {recipe:<10} largest batch {result['largest_batch']} per device "
+        f"(predicted {result['predicted']}, {result['compiles']} compiles)")
     return {**result, "size": size, "recipe": recipe}
 
   def single_row(recipe):  # one device, extrapolated from fewer layers
     size, (l1, l2), (b1, b2) = st["single_size"], st["single_layers"], st["single_batches"]
-    if (size, recipe) in kept:
-      return kept[size, recipe]
     n, pts = config_lib.load(f"{CONFIG}:{size}").model.n_layers, {}
     for b in (b1, b2):  # b2 only if b1 fits
       pts.update({(k, b): measure_cached(f"{CONFIG}:{size}@{k}", recipe, b, (k, b) == (l2, b1),
@@ -295,11 +284,12 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
     # Largest models first, so that the searches (which need them) can start early.
     todo = [(size, recipe) for size in reversed(sizes) for recipe in RECIPES
             if recipe in st["recipes"] or size in st["sr_sizes"]]
-    done = dict(zip(todo, pool.map(lambda a: table_row(*a), todo), strict=True))
+    done = dict(zip(todo, pool.map(lambda a: kept.get(a) or table_row(*a), todo), strict=True))
     rows = [done[k] for k in sorted(done, key=lambda k: (sizes.index(k[0]), RECIPES.index(k[1])))]
     todo = [(size, recipe) for size in st["search_sizes"] for recipe in st["search_recipes"]]
-    searches = list(pool.map(lambda a: search_batch(*a), todo))
-    single = list(pool.map(single_row, st["single_recipes"]))
+    searches = list(pool.map(lambda a: kept.get((*a, "search")) or search_batch(*a), todo))
+    single = list(pool.map(lambda r: kept.get((st["single_size"], r)) or single_row(r),
+                           st["single_recipes"]))
   meta = {**H.metadata((wall, cpu), command), "wall_s": round(time.time() - wall, 1),
           "cpu_s": round(cpu_time() - cpu, 1), "compiles": len(cache),
           "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in cache.values()), 1)}
@@ -310,14 +300,6 @@ def run(out_dir: pathlib.Path, quick: bool = False, resume: bool = False, jobs: 
       "name": NAME, "quick": quick, **meta,
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
       "source_hash": source, "table_batch": batch, "budget": budget, **results})
-
-
-def _log(text: str) -> None:
-  print(text, file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _unit(rows: list[dict]) -> tuple[float, str]:
@@ -333,10 +315,6 @@ def _sizes(res: dict) -> list[str]:
   return list(dict.fromkeys(r["size"] for r in res["rows"]))
 
 
-def _met(ok: bool) -> str:
-  return "met" if ok else "missed"
-
-
 def render(out_dir: pathlib.Path) -> str:
   """The markdown of the section from out_dir/results.json (and its PNGs)."""
   out_dir, res = H.load(out_dir)
@@ -344,18 +322,18 @@ def render(out_dir: pathlib.Path) -> str:
   searches = sorted(res["searches"], key=lambda s: (s["size"], RECIPES.index(s["recipe"])))
   scale, unit = _unit(rows)
   by = {(r["size"], r["recipe"]): r for r in rows}
-  seq = rows[0]["seq_len"]
-  plots = _plots(out_dir, res, scale, unit)
+  _plots(out_dir, res, scale, unit)
   git = res.get("git", {})
   tree = (f" at commit {git['commit']}" + (f" with {len(git['modified'])} modified files in mpxla/"
                                             if git.get("modified") else "")) if git else ""
+  took = lambda s: f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"  # noqa: E731
   lines = [
-      f"Command: `{res['command']}` ({_duration(res['wall_s'])} wall, "
-      f"{_duration(res['cpu_s'])} CPU, {res['compiles']} compiles, on {res['cpu_count']} shared "
+      f"Command: `{res['command']}` ({took(res['wall_s'])} wall, "
+      f"{took(res['cpu_s'])} CPU, {res['compiles']} compiles, on {res['cpu_count']} shared "
       f"CPU cores; JAX {res['jax_version']}, {res['date'][:10]}{tree}). One row alone: `python "
       f"experiments/memory.py --config={CONFIG}:{sizes[-1]} --recipe=coat --json`." + "".join(
           f" Added by `{a['command']}` ({a['date'][:10]}, commit {a['git'].get('commit')}, "
-          f"{a['compiles']} compiles, {_duration(a['compile_cpu_s'])} CPU compiling): the rows "
+          f"{a['compiles']} compiles, {took(a['compile_cpu_s'])} CPU compiling): the rows "
           "it lacked."
           for a in res.get("additions", [])),
       "", H.prose(NAME, "setup", res.get("quick", False))
@@ -374,10 +352,10 @@ def render(out_dir: pathlib.Path) -> str:
                     "bf16 peak / peak"] + ["all-gathered / step"] * gather, table,
                    "|---|---|" + "---:|" * (6 + gather))
   lines += ["", H.prose(NAME, "definitions"), "",
-            f"![per-device memory by recipe]({plots['breakdown']})", ""]
+            "![per-device memory by recipe](breakdown.png)", ""]
   if searches:
     base = {s["size"]: s["largest_batch"] for s in searches if s["recipe"] == "bf16"}
-    lines += [f"Largest per-device batch (sequences of {seq}) whose peak fits "
+    lines += [f"Largest per-device batch (sequences of {rows[0]['seq_len']}) whose peak fits "
               f"{searches[0]['budget'] / 1e9:.0f} GB:", ""]
     lines += H.table(["model", "recipe", "largest batch", f"peak there ({unit})",
                       "first prediction", "compiles", "batch / bf16's"], [
@@ -386,7 +364,7 @@ def render(out_dir: pathlib.Path) -> str:
          _fmt(s["peak_at_largest"], scale), s["predicted"], s["compiles"],
          f"{s['largest_batch'] / base[s['size']]:.2f}x" if base.get(s["size"]) else "-"]
         for s in searches], "|---|---|---:|---:|---:|---:|---:|")
-    lines += ["", H.prose(NAME, "method"), "", f"![peak against batch]({plots['search']})", ""]
+    lines += ["", H.prose(NAME, "method"), "", "![peak against batch](batch_search.png)", ""]
   lines += _single(res, scale, unit) + _verdict(res, by, searches)
   lines += _composition(by, sizes[-1], scale, unit)
   single = {(f"{r['config'].split(':')[1]}, batch 1", r["recipe"]): r
@@ -406,9 +384,9 @@ def _single(res: dict, scale: float, unit: str) -> list[str]:
   if not rows:
     return []
   r0 = rows[0]
-  layers = " and ".join(map(str, r0["compiled_layers"]))
   lines = [f"{r0['size']} ({r0['n_params'] / 1e6:,.0f}M parameters, {r0['n_layers']} layers) on "
-           f"one device (no FSDP), extrapolated from {layers} layers (below), "
+           "one device (no FSDP), extrapolated from "
+           f"{' and '.join(map(str, r0['compiled_layers']))} layers (below), "
            f"{unit}; peak at {r0['batch_per_device']} x {r0['seq_len']} tokens:", ""]
   lines += H.table(
       ["recipe", "params", "grads", "optimizer", "static bytes / param", "activations", "peak",
@@ -443,12 +421,14 @@ def headline(out_dir: pathlib.Path) -> dict[str, str]:
 
 
 def _verdict(res, by, searches) -> list[str]:
+  """The goals (bf16 / coat peak and batch, coat_sr's static memory and peak): met or missed."""
+  met = lambda ok: "met" if ok else "missed"  # noqa: E731
   lines = ["**Goal** (COAT: 1.54x lower peak for Llama-2-7B, twice the batch): `coat` peak at "
            "least 1.6x below `bf16` at the same batch, and at least twice the batch.", ""]
   for size in _sizes(res):
     if (b := by.get((size, "bf16"))) and (c := by.get((size, "coat"))):
       ratio = b["peak"] / c["peak"]
-      lines.append(f"- {size}: bf16 / coat peak = **{ratio:.2f}x** ({_met(ratio >= 1.6)}); "
+      lines.append(f"- {size}: bf16 / coat peak = **{ratio:.2f}x** ({met(ratio >= 1.6)}); "
                    f"activations {b['activations'] / c['activations']:.2f}x, optimizer states "
                    f"{b['optimizer'] / c['optimizer']:.2f}x.")
   bf16 = {s["size"]: s["largest_batch"] for s in searches if s["recipe"] == "bf16"}
@@ -457,21 +437,22 @@ def _verdict(res, by, searches) -> list[str]:
       b, ratio = bf16[s["size"]], s["largest_batch"] / bf16[s["size"]]
       lines.append(f"- {s['size']} batch in {s['budget'] / 1e9:.0f} GB: {b} -> "
                    f"{s['largest_batch']} sequences per device = **{ratio:.2f}x** "
-                   f"({_met(ratio >= 2)}).")
+                   f"({met(ratio >= 2)}).")
   single = {r["recipe"]: r for r in res.get("single", [])}
   if r := single.get("coat_sr"):  # goals of training without float32 master weights
     b = r["search"]["largest_batch"]
     lines += [f"- `coat_sr` static memory, {r['size']}: **{_static(r):.2f}** bytes per parameter "
-              f"(goal <= 6.2: {_met(_static(r) <= 6.2)}); on one device it fits **{b}** sequences "
-              f"(goal >= 4: {_met(b >= 4)})."]
+              f"(goal <= 6.2: {met(_static(r) <= 6.2)}); on one device it fits **{b}** sequences "
+              f"(goal >= 4: {met(b >= 4)})."]
   for size in _sizes(res):
     if (b := by.get((size, "bf16"))) and (c := by.get((size, "coat_sr"))):
       lines.append(f"- {size}: bf16 / coat_sr peak = **{b['peak'] / c['peak']:.2f}x** (goal 2.4x:"
-                   f" {_met(b['peak'] / c['peak'] >= 2.4)}).")
+                   f" {met(b['peak'] / c['peak'] >= 2.4)}).")
   return lines + [""]
 
 
 def _composition(by, size, scale, unit, top=("bf16", "coat")) -> list[str]:
+  """What is live at the peak of `size`'s rows by category, and the largest groups of `top`'s."""
   rows = [(recipe, by[(size, recipe)]["peak_composition"]) for recipe in RECIPES
           if (size, recipe) in by and by[(size, recipe)].get("peak_composition")]
   if not rows:
@@ -493,7 +474,8 @@ def _composition(by, size, scale, unit, top=("bf16", "coat")) -> list[str]:
   return lines + [""]
 
 
-def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[str, str]:
+def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> None:
+  """breakdown.png (stacked bars per size) and, with searches, batch_search.png."""
   plt = H.pyplot()
   rows, sizes = res["rows"], _sizes(res)
   fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.6), dpi=100, squeeze=False)
@@ -511,7 +493,7 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
   axes[0][0].legend(fontsize=7)
   H.save_figure(fig, out_dir / "breakdown.png", dpi=100)
   if not res["searches"]:
-    return {"breakdown": "breakdown.png"}
+    return
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for s in res["searches"]:
     batches, peaks = zip(*sorted((int(b), p / scale) for b, p in s["points"].items()), strict=True)
@@ -520,7 +502,6 @@ def _plots(out_dir: pathlib.Path, res: dict, scale: float, unit: str) -> dict[st
   H.style(ax, "sequences per device", f"peak {unit} per device", legend=False)
   ax.legend(fontsize=7)
   H.save_figure(fig, out_dir / "batch_search.png", dpi=100)
-  return {"breakdown": "breakdown.png", "search": "batch_search.png"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,23 +520,17 @@ def main(argv: list[str] | None = None) -> int:
       sys.exit("memory.py: error: --json measures one config: --config=configs/FILE.py[:variant]")
     if args.jobs < 1:
       sys.exit(f"memory.py: error: --jobs={args.jobs}: need at least 1.")
-    dump = args.out / "runs" / "xla_dump"
-    setup_env(DEVICES, dump)
+    setup_env(DEVICES, args.out / "runs" / "xla_dump")  # each measure() empties it after use
     run(args.out, args.quick, args.resume, args.jobs, args.add, command)
-    shutil.rmtree(dump, ignore_errors=True)
     print(f"$ {command}\n\n{render(args.out)}")
     return 0
-  from mpxla.train import config as config_lib  # no JAX import
-
   try:
     mesh = parse_mesh(args.mesh)
-    devices = math.prod(resolve_mesh(mesh or dict(config_lib.load(args.config).mesh)).values())
-    if args.batch is not None and args.batch < 1:
-      raise ValueError(f"--batch={args.batch}: need at least one sequence per device.")
+    config = load_config(args.config, args.recipe, args.batch, mesh)[0]
   except ValueError as e:  # config_lib.ConfigError too
     sys.exit(f"memory.py: error: {e}")
   dump = pathlib.Path(tempfile.mkdtemp(prefix="mpxla-memory-")) if args.explain else None
-  setup_env(devices, dump)
+  setup_env(math.prod(dict(config.mesh).values()), dump)
   try:
     r = measure(args.config, args.recipe, args.batch, mesh, explain=args.explain)
   finally:

@@ -19,8 +19,8 @@ NAME = "moe_balance"
 TITLE = "4. Global vs micro-batch load balancing (MoE GPT, 8 devices)"
 CONFIG = "configs/gpt_tiny.py"
 SCOPES = ("micro_batch", "global")
+COLORS = {"micro_batch": "tab:blue", "global": "tab:red"}
 DEVICES = 8
-BATCH_AXES = ("data", "fsdp", "expert")
 MIN_DOMAIN_SHARE = 0.04  # a top-level package with >= 4% of the validation bytes is a domain
 BYTE_CLASSES = ("space", "letter", "digit", "punct", "other")
 QUICK = H.settings(NAME, quick=True)
@@ -82,12 +82,10 @@ def byte_class(tokens: np.ndarray) -> np.ndarray:
   return cls
 
 
-def slot_counts(indices_NxK: np.ndarray, labels_N: np.ndarray, n_labels: int,
-                num_experts: int) -> np.ndarray:
+def slot_counts(idx_NxK: np.ndarray, labels_N: np.ndarray, n_labels: int, num_experts: int):
   """c[l, e]: (token, slot) pairs with label l routed to expert e, int64 [n_labels, E]."""
-  idx = np.asarray(indices_NxK).reshape(len(labels_N), -1)
-  lab = np.repeat(np.asarray(labels_N, np.int64), idx.shape[1])
-  flat = np.bincount(lab * num_experts + idx.reshape(-1), minlength=n_labels * num_experts)
+  lab = np.repeat(np.asarray(labels_N, np.int64), idx_NxK.shape[1])
+  flat = np.bincount(lab * num_experts + idx_NxK.reshape(-1), minlength=n_labels * num_experts)
   return flat.reshape(n_labels, num_experts)
 
 
@@ -123,7 +121,7 @@ def lbl_numpy(probs_NxE: np.ndarray, indices_NxK: np.ndarray, groups: int = 1) -
 def make_config(scope: str, seed: int, s: dict):
   """configs/gpt_tiny.py (bf16) as the MoE GPT of this section, LBL scope `scope`."""
   return H.trainer_config(CONFIG, H.schedule(s["steps"]), {
-      "model": dict(s["model"], moe_lbl_scope=scope, moe_axis_name=list(BATCH_AXES)),
+      "model": dict(s["model"], moe_lbl_scope=scope, moe_axis_name=["data", "fsdp", "expert"]),
       "seed": seed, "eval_every": s["eval_every"], "eval_batches": s["eval_batches"],
       "log_every": min(10, s["steps"]), "data.seq_len": s["seq_len"],
       "data.batch_size": s["batch_size"]})
@@ -267,11 +265,9 @@ def run(out_dir, quick: bool = False, *, steps: int | None = None, seeds=None, s
   runs = H.sweep(train, NAME, describe, seed=s["seeds"], scope=scopes)
   layout = sample["layout"]
   counts = np.bincount(sample["domain"].reshape(-1), minlength=len(layout["domains"]))
-  leaves = H.param_leaves(config)
-  total = sum(x.size for _, x in leaves)
-  experts = sum(x.size for p, x in leaves if any(getattr(k, "key", "") == "moe" for k in p)
-                and not any(getattr(k, "key", "") == "router" for k in p))
-  m = s["model"]
+  sizes = [({getattr(k, "key", "") for k in p}, x.size) for p, x in H.param_leaves(config)]
+  total = sum(n for _, n in sizes)
+  experts = sum(n for keys, n in sizes if "moe" in keys and "router" not in keys)
   return H.save(out_dir, {
       "name": NAME, "quick": quick, "config": CONFIG, "scopes": list(scopes), "settings": s,
       "devices": DEVICES, "micro_batch_rows": s["batch_size"] // DEVICES,
@@ -281,13 +277,10 @@ def run(out_dir, quick: bool = False, *, steps: int | None = None, seeds=None, s
       "min_domain_share": MIN_DOMAIN_SHARE, "byte_classes": list(BYTE_CLASSES),
       "validation_docs": len(layout["rel"]), "sample_rows": len(sample["rows"]),
       "params": {"total": int(total), "experts": int(experts), "active": int(
-          total - experts + experts * m["moe_top_k"] // m["num_experts"])},
+          total - experts + experts * s["model"]["moe_top_k"] // s["model"]["num_experts"])},
       "runs": runs, "table": aggregate(runs),
       **H.metadata(start, command or f"python experiments/moe_balance.py --out {out_dir}"
                    + (" --quick" if quick else ""))})
-
-
-_COLORS = {"micro_batch": "tab:blue", "global": "tab:red"}
 
 
 def plot(res: dict, out_dir) -> None:
@@ -297,18 +290,17 @@ def plot(res: dict, out_dir) -> None:
   for scope in res["scopes"]:
     sel = [r for r in res["runs"] if r["scope"] == scope]
     H.band(ax, np.array([x[0] for x in sel[0]["val"]]), [[x[1] for x in r["val"]] for r in sel],
-           _COLORS[scope], f"{scope} ({len(sel)} seeds)", marker="o", ms=3)
+           COLORS[scope], f"{scope} ({len(sel)} seeds)", marker="o", ms=3)
   H.style(ax, "step", "validation loss (nats/byte)",
           "trainer's validation batches (mean, band min..max)")
   by = {(r["seed"], r["scope"]): r for r in res["runs"]}
-  for kind, color, label in (("train", "gray", "training loss (EMA 0.8)"),
-                             ("val", "black", "validation loss")):
-    if any(sc not in res["scopes"] for sc in SCOPES):
-      ax2.text(0.5, 0.5, "needs both scopes", ha="center", transform=ax2.transAxes)
-      break
-    d = np.array([[g[1] - m[1] for g, m in zip(by[seed, "global"][kind],
-                                               by[seed, "micro_batch"][kind], strict=True)]
-                  for seed in res["settings"]["seeds"]], np.float64)
+  curves = (("train", "gray", "training loss (EMA 0.8)"), ("val", "black", "validation loss"))
+  if any(sc not in res["scopes"] for sc in SCOPES):
+    curves = ()
+    ax2.text(0.5, 0.5, "needs both scopes", ha="center", transform=ax2.transAxes)
+  for kind, color, label in curves:  # global - micro_batch per step, per seed
+    d = np.subtract(*([[x[1] for x in by[seed, sc][kind]] for seed in res["settings"]["seeds"]]
+                      for sc in ("global", "micro_batch")))
     if kind == "train":  # per-batch losses are noisy: smooth each seed's difference
       for j in range(1, d.shape[1]):
         d[:, j] = 0.8 * d[:, j - 1] + 0.2 * d[:, j]

@@ -2,8 +2,7 @@
 
 optax.adamw vs mpxla.optim.adamw_fp8 (stochastic and nearest rounding): state bytes, the update's
 temp bytes and time, codec errors; --breakdown: the codec's pieces, --stall: the EMA stall case.
-Tables and their reading: docs/optim.md. XLA_FLAGS gets
---xla_cpu_enable_concurrency_optimized_scheduler=false before jax is imported.
+Tables and their reading: docs/optim.md.
 
   .venv/bin/python experiments/optim_states.py [--layers 12 --d-model 768 --vocab 32000]
   [--bias] [--no-timing] [--breakdown] [--stall]
@@ -21,7 +20,7 @@ import time
 
 import harness as H
 
-H.set_xla_flags(None, "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+H.set_xla_flags(None, "--xla_cpu_enable_concurrency_optimized_scheduler=false")  # before jax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -51,8 +50,7 @@ def gpt_shapes(layers: int, d: int, vocab: int, ctx: int, bias: bool) -> dict:
 
 def print_table(header, rows) -> None:
   """A blank line and the markdown table."""
-  print()
-  print("\n".join(H.table(header, rows)))
+  print("", *H.table(header, rows), sep="\n")
 
 
 def _median_times(fns: dict, args: dict, warmup: int, iters: int, donated: bool = False) -> dict:
@@ -155,16 +153,14 @@ def _codec_errors() -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for flag, value in (  # an int: its default; a string: the help of an on/off flag
-      ("--layers", 12), ("--d-model", 768), ("--vocab", 32000), ("--ctx", 1024),
-      ("--bias", "add biases (GPT-2 style)"), ("--warmup", 2), ("--iters", 5),
-      ("--no-timing", "skip the wall-time table"),
+  for flag, default in (("--layers", 12), ("--d-model", 768), ("--vocab", 32000), ("--ctx", 1024),
+                        ("--warmup", 2), ("--iters", 5)):
+    parser.add_argument(flag, type=int, default=default)
+  for flag, text in (
+      ("--bias", "add biases (GPT-2 style)"), ("--no-timing", "skip the wall-time table"),
       ("--breakdown", "also time the codec's pieces per element (one 16M-element leaf)"),
       ("--stall", "also print the EMA stall case (nearest vs stochastic rounding)")):
-    if isinstance(value, int):
-      parser.add_argument(flag, type=int, default=value)
-    else:
-      parser.add_argument(flag, action="store_true", help=value)
+    parser.add_argument(flag, action="store_true", help=text)
   args = parser.parse_args(argv)
 
   print("$ " + shlex.join([".venv/bin/python"] + sys.argv))

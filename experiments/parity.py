@@ -125,14 +125,12 @@ def aggregate(runs: list[dict[str, Any]], recipes, seeds) -> dict[str, Any]:
   return table
 
 
-def run(out_dir: pathlib.Path, quick: bool = False, *, steps: int | None = None, seeds=None,
-        recipes=None, eval_every: int | None = None, reuse: bool = False,
-        command: str | None = None) -> dict[str, Any]:
-  """Trains every (recipe, seed) and the longer runs, dumps seed-0 moments, writes
-  out_dir/results.json; reuse keeps finished runs (wall times: their workdir's or the last
-  results')."""
-  out_dir, s, start = H.begin(NAME, quick, out_dir, steps=steps, seeds=seeds, recipes=recipes,
-                              eval_every=eval_every)
+def run(out_dir: pathlib.Path, quick: bool = False, *, reuse: bool = False,
+        command: str | None = None, **given) -> dict[str, Any]:
+  """Trains every (recipe, seed) and the longer runs (settings updated with `given`: steps, seeds,
+  recipes, eval_every), dumps seed-0 moments -> out_dir/results.json; reuse keeps finished runs
+  (wall times: their workdir's or the last results')."""
+  out_dir, s, start = H.begin(NAME, quick, out_dir, **given)
   H.check_choice("recipes", s["recipes"], RECIPES)
   (out_dir / "runs").mkdir(parents=True, exist_ok=True)
   previous, dumps = {}, []
@@ -179,11 +177,10 @@ def plot(res: dict[str, Any], path: pathlib.Path, long: bool = False) -> None:
   """Validation loss per recipe (left, band: min..max over seeds) and its % gap per step to the
   base's mean (right): bf16, or for the longer run (one seed) its first recipe."""
   if long:
-    recipes, runs = res["long"]["recipes"], res["long"]["runs"]
+    recipes, runs, base = res["long"]["recipes"], res["long"]["runs"], res["long"]["recipes"][0]
   else:
     recipes = [r for r in res["recipes"] if r not in res.get("no_master", ())]
-    runs = [x for x in res["runs"] if x["recipe"] in recipes]
-  base = recipes[0] if long else "bf16"
+    runs, base = [x for x in res["runs"] if x["recipe"] in recipes], "bf16"
   steps = {x["recipe"]: [s for s, _ in x["val"]] for x in runs[::-1]}  # the first run's
   ys = {r: np.array([[v for _, v in x["val"]] for x in runs if x["recipe"] == r], np.float64)
         for r in recipes}
@@ -254,17 +251,15 @@ def render(out_dir: pathlib.Path) -> str:
         f"leaves, {m['elements_per_moment']:,} elements per moment)" for m in res["moments"])
               + ".", ""]
   lines += [H.prose(NAME, "reading", res["quick"]), ""]
-  if not res.get("no_master"):
-    return "\n".join(lines).rstrip() + "\n"
-  # The recipes without float32 master weights, and the longer run.
-  lines += [H.prose(NAME, "no_master_intro"), ""] + H.table(
-      ["recipe", "final val loss, mean", "std", "vs bf16, paired by seed",
-       "vs its float32-master counterpart, paired", "final train loss, mean"],
-      [[f"`{r}`", *(f"{t[r]['final_val_loss'][k]:.4f}" for k in ("mean", "std")),
-        _pct(pair(r, "bf16")), f"vs `{COUNTERPART[r]}`: " + _pct(pair(r, COUNTERPART[r]))
-        if r in COUNTERPART else "—", f"{t[r]['final_train_loss']['mean']:.4f}"]
-       for r in res["no_master"] if r in t])
-  long = res.get("long")
+  if res.get("no_master"):  # the recipes without float32 master weights, and the longer run
+    lines += [H.prose(NAME, "no_master_intro"), ""] + H.table(
+        ["recipe", "final val loss, mean", "std", "vs bf16, paired by seed",
+         "vs its float32-master counterpart, paired", "final train loss, mean"],
+        [[f"`{r}`", *(f"{t[r]['final_val_loss'][k]:.4f}" for k in ("mean", "std")),
+          _pct(pair(r, "bf16")), f"vs `{COUNTERPART[r]}`: " + _pct(pair(r, COUNTERPART[r]))
+          if r in COUNTERPART else "—", f"{t[r]['final_train_loss']['mean']:.4f}"]
+         for r in res["no_master"] if r in t])
+  long = res.get("no_master") and res.get("long")
   if long:
     val = {x["recipe"]: dict(x["val"]) for x in long["runs"]}
     base, other = long["recipes"][0], long["recipes"][-1]

@@ -7,6 +7,7 @@ configs/experiments/permutation.py).
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import itertools
 import json
@@ -87,8 +88,7 @@ def causal_probs(q_TxE, k_TxE):
 
 @functools.cache
 def _jit_metrics():
-  """jitted (q, k, v -> (causal probs, P v, mass each key receives)), block_mass and
-  sparse_output_error of one head."""
+  """jitted: one head's (causal probs, P v, mass each key receives); block_mass; the error."""
   import jax
 
   def head(q_TxE, k_TxE, v_TxE):
@@ -125,13 +125,6 @@ def _pool_map(mass: np.ndarray) -> str:
   return base64.b64encode(codes.tobytes()).decode()
 
 
-def _unpool_map(text: str) -> np.ndarray:
-  """log10 block mass [n, n] from `_pool_map`'s text."""
-  codes = np.frombuffer(base64.b64decode(text), np.uint8)
-  n = int(round(np.sqrt(codes.size)))
-  return -codes.reshape(n, n).astype(np.float64) / 40
-
-
 def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", "tokens"),
             select_recalls=None) -> dict:
   """Per (layer, query head) of layers [(q [B,T,H,E], k, v [B,T,K,E])], means over the B
@@ -141,20 +134,14 @@ def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", 
 
   select_recalls = tuple(recalls if select_recalls is None else select_recalls)
   head_fn, mass_fn, err_fn = _jit_metrics()
-  b, t, h, _ = layers[0][0].shape
-  hk = layers[0][1].shape[2]
+  (b, t, h, _), hk = layers[0][0].shape, layers[0][1].shape[2]
   g, nq = h // hk, t // block
   # Key blocks in a segment wholly before the query block's own (diagonal) segment.
   far = {s: (np.arange(nq)[None, :] * block) // s < (np.arange(nq)[:, None] * block) // s
          for s in segments}
   selections = [("none", block, False)] + [(f"permute_kv s{s}", s, True) for s in segments]
   variants = [s[0] for s in selections] + [f"true-importance s{s}" for s in segments]
-  acc, maps = {}, {}
-
-  def add(li, hd, kind, var, r, value):
-    head = acc.setdefault((li, hd), {"blocks": {}, "far": {}, "error": {}, "select": {}})
-    head[kind].setdefault(var, {}).setdefault(r, []).append(value)
-
+  acc, maps = collections.defaultdict(list), {}  # (layer, head, kind, variant, key): per doc
   for (li, (q, k, v)), bi in itertools.product(enumerate(layers), range(b)):
     qkv = [jnp.asarray(x[bi:bi + 1]) for x in (q, k, v)]
     kh, vh = ([jnp.asarray(x[bi, :, j]) for j in range(hk)] for x in (k, v))
@@ -172,14 +159,14 @@ def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", 
         err = np.linalg.norm(out[:, hd] - dense[hd]) / np.linalg.norm(dense[hd])
         for key, value in (("blocks", int(lst.sum())),
                            ("recall", float((mass * lst).sum(-1).mean())), ("error", float(err))):
-          add(li, hd, "select", f"{name}|{est}|{r}", key, value)
-    # Block counts of the oracle selection under each key order.
-    true_imp = np.stack([sum(np.asarray(received[hd]) for hd in range(j * g, (j + 1) * g))
-                         for j in range(hk)])  # [Hk, T]: the mass each key receives
+          acc[li, hd, "select", f"{name}|{est}|{r}", key].append(value)
+    # Block counts of the oracle selection under each key order; true importance: the mass
+    # each key receives from the query heads of its kv head.
+    true_imp = np.stack([np.asarray(x) for x in received]).reshape(hk, g, t).sum(1)
     perms.update({f"true-importance s{s}": segment_sort(true_imp, s) for s in segments})
     for hd in range(h):
       for r in recalls:
-        add(li, hd, "blocks", BOUND, str(r),
+        acc[li, hd, "blocks", BOUND, str(r)].append(
             int(any_permutation_blocks(probs[hd], block, block, r).sum()))
       for name in variants:
         perm = jnp.asarray(perms[name][hd // g])
@@ -189,21 +176,22 @@ def analyse(layers, block: int, segments, recalls=RECALLS, estimates=("pooled", 
         for r in recalls:
           counts = blocks_for_recall(mass, r)
           keep = keep_top(mass, counts)
-          add(li, hd, "blocks", name, str(r), int(counts.sum()))
-          add(li, hd, "error", name, str(r), float(
+          acc[li, hd, "blocks", name, str(r)].append(int(counts.sum()))
+          acc[li, hd, "error", name, str(r)].append(float(
               err_fn(probs[hd], vh[hd // g], perm, jnp.asarray(keep), block, block)))
           for seg in segments if name == "none" else [int(name.rsplit(" s", 1)[1])]:
-            add(li, hd, "far", f"none s{seg}" if name == "none" else name, str(r),
+            acc[li, hd, "far", f"none s{seg}" if name == "none" else name, str(r)].append(
                 int((keep & far[seg]).sum()))
     del probs
 
-  def mean(d):  # means over the documents
-    return {k: mean(v) if isinstance(v, dict) else float(np.mean(v)) for k, v in d.items()}
-
+  heads = {}  # the means over the documents, nested per head: kind -> variant -> key
+  for (li, hd, kind, var, key), values in acc.items():
+    head = heads.setdefault((li, hd), {"layer": li, "head": hd, "kv_head": hd // g,
+                                       "blocks": {}, "far": {}, "error": {}, "select": {}})
+    head[kind].setdefault(var, {})[key] = float(np.mean(values))
   return {"variants": variants + [BOUND], "selections": [s[0] for s in selections],
           "estimates": list(estimates), "select_recalls": list(select_recalls),
-          "heads": [{"layer": li, "head": hd, "kv_head": hd // g, **mean(d)}
-                    for (li, hd), d in acc.items()], "maps": maps}
+          "heads": list(heads.values()), "maps": maps}
 
 
 def _has_checkpoint(wd: pathlib.Path) -> bool:
@@ -333,7 +321,7 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   """Writes the bar chart of blocks per layer and the block-mass maps; their file names."""
   plt = H.pyplot()
   heads, variants, recalls = st["heads"], st["variants"], st["recalls"]
-  n_layers = max(hd["layer"] for hd in heads) + 1
+  n_layers, n_heads = st["model"]["n_layers"], st["model"]["n_heads"]
   fig, axes = plt.subplots(1, len(recalls), figsize=(5 * len(recalls), 4.2), squeeze=False)
   width = 0.8 / len(variants)
   for ax, r in zip(axes[0], recalls, strict=True):
@@ -346,21 +334,20 @@ def _plots(st, out_dir: pathlib.Path, tag: str) -> list[str]:
   fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
   H.save_figure(fig, out_dir / f"permutation_blocks{tag}.png", dpi=80, rect=(0, 0.14, 1, 1))
 
-  names = list(st["maps"])
-  n_heads = max(int(key.split("/")[1]) for key in st["maps"][names[0]]) + 1
+  names = list(st["maps"])  # each stored map: log10 mass = -(its uint8 codes) / 40
   cols = n_heads * len(names)
   fig, axes = plt.subplots(n_layers, cols, figsize=(1.5 * cols, 1.6 * n_layers + 0.5),
                            squeeze=False)
-  for li in range(n_layers):
-    for hd in range(n_heads):
-      for ni, name in enumerate(names):
-        ax = axes[li][hd * len(names) + ni]
-        ax.imshow(_unpool_map(st["maps"][name][f"{li}/{hd}"]), vmin=-4, vmax=0, cmap="magma")
-        ax.set(xticks=[], yticks=[])
-        if li == 0:
-          ax.set_title(f"H{hd}: {name}", fontsize=6)
-        if hd == ni == 0:
-          ax.set_ylabel(f"layer {li}", fontsize=8)
+  for ax, (li, hd, (ni, name)) in zip(axes.flat, itertools.product(
+      range(n_layers), range(n_heads), enumerate(names)), strict=True):
+    codes = np.frombuffer(base64.b64decode(st["maps"][name][f"{li}/{hd}"]), np.uint8)
+    side = int(round(np.sqrt(codes.size)))
+    ax.imshow(-codes.reshape(side, side).astype(np.float64) / 40, vmin=-4, vmax=0, cmap="magma")
+    ax.set(xticks=[], yticks=[])
+    if li == 0:
+      ax.set_title(f"H{hd}: {name}", fontsize=6)
+    if hd == ni == 0:
+      ax.set_ylabel(f"layer {li}", fontsize=8)
   fig.suptitle(f"log10 block mass, -4 (black) to 0 (white); rows: query blocks, columns: key "
                f"slots; {st['docs'][0]}, T={st['context']}", fontsize=9)
   H.save_figure(fig, out_dir / f"permutation_maps{tag}.png", dpi=80)
@@ -378,14 +365,14 @@ def _study_markdown(st, out_dir: pathlib.Path, tag: str) -> list[str]:
            f"at any length, but it never saw positions past {m['train_seq_len']}"
            if ratio > 1 else "its training length")
   nll = st["nll"]
-  loss = (f"{nll['within_train_len']:.2f} nats/byte on positions < {m['train_seq_len']}, "
-          f"{nll['beyond_train_len']:.2f} beyond" if nll["beyond_train_len"] is not None
-          else f"{nll['within_train_len']:.2f} nats/byte")
+  loss = f"{nll['within_train_len']:.2f} nats/byte"
+  if nll["beyond_train_len"] is not None:
+    loss += f" on positions < {m['train_seq_len']}, {nll['beyond_train_len']:.2f} beyond"
 
   def per_layer(columns, cells):  # a row per (layer, then all layers; recall)
     return H.table(["layer", "recall", *columns], [
         ["**all**" if li is None else li, f"{r:.0%}", *cells(li, r)]
-        for li in [*range(max(hd["layer"] for hd in heads) + 1), None] for r in recalls])
+        for li in [*range(m["n_layers"]), None] for r in recalls])
 
   def blocks(li, r):
     return [f"{v:.0f}" if var == "none" else f"{v:.0f} ({mean(li, 'blocks', 'none', r) / v:.2f}x)"

@@ -76,11 +76,10 @@ def _codec(fmt: str, expansion: bool):
 
 
 def roundtrip(tree: dict[str, Any], fmt: str, expansion: bool):
-  """(decoded tree, k16 tree or None, amax tree) of `tree` through mpxla.optim's compress and
-  decompress; HIF8_SCALED: per-group HiF8 with amax -> 15 (no k16, amax; see LABEL). k16 and amax
-  hold each leaf's groups as (rows, groups per row). The rows of all leaves of one last-axis
-  length are compressed as one 2-D array: groups never cross rows, so the codes are each leaf's
-  own, with far fewer leaves to compile."""
+  """(decoded tree, k16 tree or None, amax tree; k16, amax: (rows, groups per row) per leaf) of
+  `tree` through mpxla.optim's compress and decompress (HIF8_SCALED: see _codec, no k16, amax).
+  The rows of all leaves of one last-axis length are compressed as one 2-D array (groups never
+  cross rows: each leaf's codes are its own), with far fewer leaves to compile."""
   from mpxla import optim  # pylint: disable=import-outside-toplevel
 
   if fmt in HIF8_SCALED and expansion:
