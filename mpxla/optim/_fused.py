@@ -58,7 +58,7 @@ from mpxla.optim.compress import (
     is_compressed,
     make_config,
 )
-from mpxla.quant.sharding import explicit_sharding
+from mpxla.quant.sharding import explicit_sharding, input_mesh
 
 GROUP = 128
 _FMT = "e4m3"
@@ -299,11 +299,13 @@ def _pallas_update(g2, p2, m: tuple, v: tuple, scal, seeds, spec: _Spec, u_dtype
 
 def _whole_on_each_device(x) -> bool:
   """Whether `x` is not split across devices: no mesh axis in its type (Explicit sharding),
-  and no context-mesh axis of size > 1 besides 'data' (data parallelism replicates the
-  state) unless Manual (inside `shard_map` every leaf is a device's own)."""
+  and no axis of size > 1 besides 'data' (data parallelism replicates the state) in the
+  context mesh, else the mesh in x's type, unless Manual (inside `shard_map` every leaf is a
+  device's own)."""
   if explicit_sharding(x):
     return False
-  mesh = jax.sharding.get_abstract_mesh()
+  with input_mesh(x):
+    mesh = jax.sharding.get_abstract_mesh()
   return mesh.empty or all(size == 1 or name == "data" or name in mesh.manual_axes
                            for name, size in mesh.shape.items())
 

@@ -99,31 +99,49 @@ def auto_regroup(f, x: jax.Array, *args, out_specs):
 
 
 def per_batch_shard(f, *args, batch: int, split=None):
-  """`f(*args)`, run per batch shard under the context mesh (`shard_map`) when its batch axes
-  (`BATCH_AXES`, not Manual) split `batch`; else `f(*args)` as is.
+  """`f(*args)`, run per batch shard (`shard_map`) when the mesh's batch axes (`BATCH_AXES`,
+  not Manual) split `batch`; else `f(*args)` as is.
 
-  `split`, one entry per argument: True splits every leaf's leading axis over those axes,
-  False replicates the argument, None (and `split=None` for all) splits the array leaves of
-  rank >= 2 whose leading size is `batch` and replicates the rest. The outputs (leading axis
-  `batch`) are split the same way. f must treat the batch rows independently. Used for Pallas
-  kernels, which XLA's partitioner would otherwise run whole on every device.
+  The mesh: the context mesh, else the one in the type of the first argument leaf whose
+  leading size is `batch` (`input_mesh`). `split`, one entry per argument: True splits every
+  leaf's leading axis over those axes, False replicates the argument, None (and `split=None`
+  for all) splits the array leaves whose leading size is `batch` and replicates the rest
+  (pass `split` where another leaf's leading size may equal `batch`). Arguments are resharded
+  to these specs where the batch axes are Explicit. The outputs (leading axis `batch`) are
+  split the same way (with Explicit axes, then placed like that first leaf's rows). f must
+  treat the batch rows independently. Used for Pallas kernels, which XLA's partitioner would
+  otherwise run whole on every device.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return f(*args)
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1
-               and a not in mesh.manual_axes)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if shards == 1 or batch % shards:
-    return f(*args)
+  lead = next((x for x in jax.tree.leaves(args)
+               if getattr(x, "ndim", 0) >= 1 and x.shape[0] == batch), None)
+  with contextlib.nullcontext() if lead is None else input_mesh(lead):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return f(*args)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1
+                 and a not in mesh.manual_axes)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if shards == 1 or batch % shards:
+      return f(*args)
+    explicit = any(t == AxisType.Explicit and a in axes
+                   for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True))
 
-  def spec(how, x):
-    if how is None:
-      how = getattr(x, "ndim", 0) >= 2 and x.shape[0] == batch
-    return P(axes) if how else P()
+    def spec(how, x):
+      if how is None:
+        how = getattr(x, "ndim", 0) >= 1 and x.shape[0] == batch
+      return P(axes) if how else P()
 
-  split = (None,) * len(args) if split is None else split
-  in_specs = tuple(jax.tree.map(functools.partial(spec, how), a) for how, a in
-                   zip(split, args, strict=True))
-  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
-                       check_vma=False)(*args)
+    def place(how, x):  # an Explicit axis: the argument's type must carry its spec
+      return jax.reshard(x, spec(how, x)) if explicit and hasattr(x, "ndim") else x
+
+    split = (None,) * len(args) if split is None else split
+    in_specs = tuple(jax.tree.map(functools.partial(spec, how), a) for how, a in
+                     zip(split, args, strict=True))
+    args = tuple(jax.tree.map(functools.partial(place, how), a) for how, a in
+                 zip(split, args, strict=True))
+    out = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
+                        check_vma=False)(*args)
+    if not explicit:
+      return out
+    back = P(*jax.typeof(lead).sharding.spec[:1])  # the outputs' rows placed like the input's
+    return jax.tree.map(lambda o: jax.reshard(o, back), out)

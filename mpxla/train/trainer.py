@@ -94,11 +94,11 @@ class Trainer:
   def state_shardings(self):
     """Each parameter's sharding: from its logical names if boxed
     (`nn.with_logical_partitioning`: the MoE experts over 'expert'), else `shard_unannotated`.
-    Optimizer-state leaves whose path ends with a parameter's follow it: the same sharding
-    at the same shape; a field of a container there (compressed moments: codes, scales)
-    keeps the parameter's mesh axes on its dimensions of the parameter's sizes and on a
-    grouped dimension (size dividing the parameter's) with whole groups per shard. Every
-    other leaf follows `shard_unannotated`."""
+    Optimizer-state leaves whose path ends with a parameter's (the longest such path) follow
+    it: the same sharding at the same shape; a field of a container there keeps the
+    parameter's mesh axes on its dimensions of the parameter's sizes, and a compressed
+    moment's last (grouped) dimension keeps them where every shard holds whole groups
+    (`mo.CompressedArray.group_size`). Every other leaf follows `shard_unannotated`."""
     from flax.linen import LogicallyPartitioned
 
     abstract = self._abstract_init()
@@ -112,13 +112,15 @@ class Trainer:
     plain_sh = jax.tree.leaves(shardings["params"])
     named = {tuple(path): (b.value.shape if is_box(b) else b.shape, s if is_box(b) else plain)
              for (path, b), s, plain in zip(leaves, boxed_sh, plain_sh, strict=True)}
-    lengths = sorted({len(p) for p in named})
+    lengths = sorted({len(p) for p in named}, reverse=True)  # the most specific path first
+    group_size = {tuple(path): c.group_size for path, c in jax.tree_util.tree_flatten_with_path(
+        abstract["opt_state"], is_leaf=mo.is_compressed)[0] if mo.is_compressed(c)}
 
-    def kept(axes, dim, pdim):  # a grouped dimension keeps the axes with whole groups
-      if dim == pdim:
-        return axes
-      return axes if pdim % dim == 0 and dim % parallel.mesh.spec_size(axes, self.mesh) == 0 \
-          else None
+    def kept(axes, dim, pdim, group):  # the last dimension of compressed codes and scales
+      if group is None or axes is None:
+        return axes if dim == pdim else None
+      shard = pdim // parallel.mesh.spec_size(axes, self.mesh)
+      return axes if pdim % group == 0 and shard % group == 0 else None
 
     def follow(path, leaf, sharding):
       shape = getattr(leaf, "shape", None)
@@ -131,8 +133,10 @@ class Trainer:
             return s
           if field and len(shape) == len(pshape):
             spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
-            return NamedSharding(s.mesh, P(*[kept(a, d, pd)
-                                             for a, d, pd in zip(spec, shape, pshape, strict=True)]))
+            group = group_size.get(tuple(path[:-1]))
+            return NamedSharding(s.mesh, P(*[
+                kept(a, d, pd, group if i == len(shape) - 1 else None)
+                for i, (a, d, pd) in enumerate(zip(spec, shape, pshape, strict=True))]))
       return sharding
 
     return {**shardings, **{k: jax.tree_util.tree_map_with_path(follow, abstract[k], shardings[k])

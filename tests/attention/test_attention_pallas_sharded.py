@@ -72,3 +72,40 @@ def test_gpu_kernels_lower_with_one_devices_rows():
   # A batch the mesh does not split (4 rows on 8 devices): the kernel sees the whole batch.
   for batch_sizes in _kernel_operands(mesh, 4):
     assert "4" in batch_sizes, batch_sizes
+
+
+def test_prefix_lengths_are_split_with_the_batch():
+  """prefix_lm(lengths [B]): each shard's kernel reads its own rows' prefix lengths."""
+  q, k, v, _ = _inputs()
+  lengths = jnp.asarray([4, 60, 17, 33, 0, 64, 9, 48], jnp.int32)
+  want = A.attention(q, k, v, mask=A.prefix_lm(lengths), impl="reference")
+  mesh = _mesh(AxisType.Auto)
+  sharded = [jax.device_put(a, NamedSharding(mesh, P(BATCH))) for a in (q, k, v)]
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda q, k, v, n: A.attention(
+        q, k, v, mask=A.prefix_lm(n), impl="pallas_gpu", block_q=16, block_kv=16,
+        interpret=True))(*sharded, lengths)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_explicit_mesh_with_replicated_inputs():
+  """Inputs an Explicit mesh does not split (e.g. made inside jit): split for the kernels,
+  the output replicated like them."""
+  args = _inputs()
+  want = _loss(*args, "reference")[1]
+  with jax.set_mesh(_mesh(AxisType.Explicit)):
+    got = jax.jit(lambda *a: _loss(*a, "pallas_gpu")[1])(*args)
+  assert not any(tuple(jax.typeof(got).sharding.spec))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_gpu_kernel_lowers_per_shard_without_set_mesh(axis_type):
+  """Inputs placed on a mesh, no `jax.set_mesh`: the mesh in their type splits the kernel."""
+  mesh = _mesh(axis_type)
+  sharded = [jax.device_put(a, NamedSharding(mesh, P(BATCH))) for a in _inputs()]
+  text = jax.jit(lambda *a: _loss(*a, "pallas_gpu", False)[1]).trace(*sharded).lower(
+      lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+  assert len(calls) == 1
+  assert set(re.findall(r"tensor<(\d+)x[0-9x]*(?:f32|i32)>", calls[0])) == {"1"}

@@ -255,3 +255,19 @@ def test_split_leaves_take_the_xla_path():
   explicit = jax.sharding.AxisType.Explicit
   assert triton_calls((8,), ("data",), explicit, jax.sharding.PartitionSpec("data")) == 0
   assert triton_calls((8,), ("data",), explicit) == 2
+
+
+def test_split_leaves_take_the_xla_path_without_set_mesh():
+  """Leaves placed on an Auto mesh, no `jax.set_mesh`: the mesh in their type decides."""
+  def triton_calls(names, spec):
+    mesh = jax.make_mesh((8,), names, axis_types=(jax.sharding.AxisType.Auto,))
+    put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    params = {k: put(jnp.zeros(s)) for k, s in {"a": (256, 384), "b": (64, 200)}.items()}
+    opt = mo.adamw_fp8(1e-3, impl="pallas_gpu")
+    state = jax.eval_shape(opt.init, params)
+    text = jax.jit(opt.update).trace(params, state, params).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return text.count("__gpu$xla.gpu.triton")
+
+  assert triton_calls(("fsdp",), jax.sharding.PartitionSpec("fsdp")) == 0
+  assert triton_calls(("data",), jax.sharding.PartitionSpec()) == 2

@@ -74,3 +74,65 @@ def test_fsdp_coat_step_all_gathers_only_weights(tiny_config):
   # An all-gather outside the model's forward and backward belongs to the optimizer update.
   outside = [g for g in gathers if not re.search(r'op_name="[^"]*\bGPT\b', g)]
   assert not outside, outside[:5]
+
+
+class _StateOf:
+  """What `Trainer.state_shardings` reads: an fsdp=8 mesh and the state's init function."""
+
+  def __init__(self, params):
+    from mpxla import optim, parallel
+
+    self.mesh = parallel.make_mesh({"data": 1, "fsdp": 8})
+    self.params, self.tx = params, optim.adamw_fp8(1e-3)
+
+  def _init_fn(self, key, boxed_params=False):
+    if boxed_params:
+      return self.params
+    return {"step": jax.numpy.zeros((), "int32"), "params": self.params,
+            "opt_state": self.tx.init(self.params), "model_state": {}}
+
+  def _abstract_init(self):
+    return jax.eval_shape(self._init_fn, jax.random.key(0))
+
+
+def _moment_specs(params):
+  """{parameter path: (its spec, {field: spec} of its first moment)}."""
+  stub = _StateOf(params)
+  sh = Trainer.state_shardings.func(stub)
+  out = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(sh["params"])[0]:
+    mu = sh["opt_state"][0].mu
+    for k in path:
+      mu = mu[k.key]
+    out["/".join(k.key for k in path)] = (s.spec, {f: getattr(mu, f).spec
+                                                   for f in ("codes", "k16", "amax")})
+  return out
+
+
+def test_moments_follow_their_own_parameter_when_names_repeat():
+  """Flax names a Dense_0 in every module: a nested parameter's moments follow it, not the
+  top-level parameter whose path is a suffix of theirs."""
+  zeros = jax.numpy.zeros
+  specs = _moment_specs({"Dense_0": {"kernel": zeros((256, 1024))},
+                         "Block_0": {"Dense_0": {"kernel": zeros((1024, 256))}}})
+  top, nested = specs["Dense_0/kernel"], specs["Block_0/Dense_0/kernel"]
+  assert tuple(top[0]) == (None, "fsdp") and tuple(nested[0]) == ("fsdp", None)
+  for spec, fields in (top, nested):
+    for field, s in fields.items():
+      assert tuple(s) == tuple(spec), (field, s, spec)
+
+
+def test_groups_split_by_the_parameter_are_replicated_with_their_scales():
+  """A last axis whose shards are not whole groups of 128 (1000 / 8 = 125, padded to 1024;
+  1536 / 8 = 192): codes and per-group scales are replicated together (one layout), not
+  split where the groups are not the parameter's."""
+  zeros = jax.numpy.zeros
+  specs = _moment_specs({"a": zeros((5, 1000)), "b": zeros((7, 1536)), "c": zeros((3, 4096))})
+  for name in ("a", "b"):
+    spec, fields = specs[name]
+    assert tuple(spec) == (None, "fsdp")  # the parameter itself: the fallback last axis
+    for field, s in fields.items():
+      assert not any(tuple(s)), (name, field, s)
+  spec, fields = specs["c"]  # 512 per device: four whole groups
+  for field, s in fields.items():
+    assert tuple(s) == (None, "fsdp"), (field, s)
