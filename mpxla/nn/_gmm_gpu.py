@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mpxla.quant.sharding import varying_axes
+
 _TILE_K, _TILE_N = 64, 128
 
 
@@ -55,6 +57,10 @@ def gmm(x_PxK, w_ExKxN, expert_N, block_rows: int, interpret: bool = False):
 
 def _forward(x_PxK, w_ExKxN, expert_N, bm, interpret):
   check_block_rows(bm)
+  if any(varying_axes(a) for a in (x_PxK, w_ExKxN, expert_N)):
+    raise ValueError("grouped_matmul='pallas_gpu' inside jax.shard_map needs check_vma=False "
+                     "on that shard_map (Pallas kernels carry no varying-axes types), or "
+                     "grouped_matmul='ragged_dot'.")
   (p, k), (e, _, n) = x_PxK.shape, w_ExKxN.shape
   if p != expert_N.shape[0] * bm:
     raise ValueError(f"x has {p} rows, expert_N {expert_N.shape[0]} blocks of {bm} rows.")

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -104,8 +105,9 @@ def top_k_route(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(weights [..., k] float32, indices [..., k] int32, probs [..., E] float32)."""
   num_experts = logits.shape[-1]
-  if not isinstance(k, int) or not 1 <= k <= num_experts:
+  if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= num_experts:
     raise ValueError(f"top_k must be an int in [1, {num_experts}] (the experts), got {k!r}.")
+  k = int(k)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weights, indices = _top_k(probs, k)
   if normalize_weights:
@@ -158,8 +160,10 @@ def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
   if grouped_matmul not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}.")
   if capacity_factor is not None and not (
-      isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-    raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}.")
+      isinstance(capacity_factor, numbers.Real) and not isinstance(capacity_factor, bool)
+      and capacity_factor > 0):
+    raise ValueError(f"capacity_factor must be None (dropless) or a number > 0 (a Python or "
+                     f"NumPy scalar; inf: no drops), got {capacity_factor!r}.")
   if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
     raise ValueError(f"block_size must be None or a positive int, got {block_size!r}.")
   if grouped_matmul == "pallas_gpu" and block_size is not None:
@@ -167,8 +171,10 @@ def check_dispatch_args(dispatch, grouped_matmul, capacity_factor, block_size):
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
-  """C = ceil(capacity_factor * tokens * top_k / num_experts) pairs per expert."""
-  return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
+  """C = min(ceil(capacity_factor * tokens * top_k / num_experts), tokens) pairs per expert
+  (an expert takes at most one pair per token: C = tokens drops nothing)."""
+  c = float(capacity_factor) * tokens * top_k / num_experts
+  return tokens if c >= tokens else int(math.ceil(c))
 
 
 def capacity_keep(indices_SxK, valid_S, num_experts, capacity):
@@ -365,7 +371,8 @@ def _parallel_experts(x, weights, indices, valid, wts, mesh, axis, g, s, capacit
                           block_size=block_size, fp8=fp8)
 
   y = pexperts.expert_parallel(expert_fn, wts, x, weights, indices, keep, num_experts=e,
-                               mesh=mesh, axis_name=axis, rows=rows)
+                               mesh=mesh, axis_name=axis, rows=rows,
+                               check_vma=impl != "pallas_gpu")  # kernels: no vma types
   return y, dropped
 
 

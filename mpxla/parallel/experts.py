@@ -149,7 +149,7 @@ def check_expert_mesh(mesh, axis_name: str, num_experts: int, leading: int, batc
 
 def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, num_experts: int,
                     mesh, axis_name: str = "expert", batch_axes: tuple[str, ...] | None = None,
-                    rows: Callable[[int], int] | int | None = None):
+                    rows: Callable[[int], int] | int | None = None, check_vma: bool = True):
   """y [..., D] = sum_j keep_j w_j E_{i_j}(x) with experts sharded over `axis_name`.
 
   Args:
@@ -158,8 +158,10 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
     params: pytree of expert weights, each with the E experts on its leading axis.
     x [B, ..., D], weights / indices [B, ..., K] (float / int32), keep [B, ..., K] bool.
     mesh: the (abstract) mesh, e.g. `context_expert_mesh(x, axis_name)`.
-    batch_axes: the mesh axes B is split over (default: mpxla's batch axes of the mesh).
+    batch_axes: the mesh axes B is split over (default: mpxla's batch axes of the mesh);
+      `axis_name` is added if missing.
     rows: R, or a function of the local tokens T_l giving it (default: T_l K, dropless).
+    check_vma: `jax.shard_map`'s (False for expert_fn running Pallas kernels).
 
   The leading axis of x is split over the batch axes (whole rows per device), the experts
   over `axis_name`; runs in `jax.shard_map` over every mesh axis that is not Manual already
@@ -170,6 +172,8 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
                if t != AxisType.Manual)  # axes already Manual (an outer shard_map) stay so
   batch = mesh_batch_axes(mesh) if batch_axes is None else tuple(batch_axes)
   batch = tuple(a for a in batch if a in free)
+  if axis_name not in batch:  # the expert axis splits the tokens too (each peer its own)
+    batch += (axis_name,)
   check_expert_mesh(mesh, axis_name, num_experts, x.shape[0], batch)
   peers = mesh.shape[axis_name]
   shards = math.prod(mesh.shape[a] for a in batch)
@@ -197,7 +201,7 @@ def expert_parallel(expert_fn: ExpertFn, params, x, weights, indices, keep, *, n
                         args, is_leaf=lambda s: isinstance(s, P))
   out_spec = getattr(jax.typeof(x).sharding, "spec", None)
   y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=bspec,
-                    axis_names=set(free))(*args)
+                    axis_names=set(free), check_vma=check_vma)(*args)
   if explicit and out_spec is not None and tuple(out_spec) != tuple(bspec):
     y = jax.sharding.reshard(y, NamedSharding(mesh, out_spec))
   return y

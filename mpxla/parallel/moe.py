@@ -56,7 +56,7 @@ def expert_counts(
   hot = jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.int32)  # [..., K, E]
   if mask is not None:
     hot = hot * jnp.asarray(mask, jnp.int32)[..., None, None]
-  return jnp.sum(hot.reshape(-1, num_experts), axis=0)
+  return jnp.sum(hot, axis=tuple(range(hot.ndim - 1)))
 
 
 def init_count_buffer(num_experts: int) -> jax.Array:
@@ -101,8 +101,9 @@ def _check(router_probs, expert_indices, num_experts, mask, scope):
 
 def _prob_sums(router_probs, mask, axes):
   p = router_probs.astype(jnp.float32)
-  if mask is not None:
-    p = p * jnp.asarray(mask, jnp.float32)[..., None]
+  if mask is not None:  # a padding token adds nothing, also where its probabilities are NaN
+    m = jnp.asarray(mask, jnp.float32)[..., None]
+    p = jnp.where(m != 0, p * m, 0.0)
   return jnp.sum(p, axis=axes)
 
 

@@ -188,3 +188,21 @@ def test_bad_arguments_raise_value_errors_naming_them():
   for k in (0, E + 1):
     with pytest.raises(ValueError, match="top_k"):
       MoE(E, F, top_k=k).apply(v, x, mutable=["intermediates"])
+
+
+def test_unbounded_capacity_and_numpy_scalars():
+  """capacity_factor inf or beyond int32 (C is at most the group's tokens: no drop) and
+  NumPy scalars for capacity_factor and top_k: the dropless result."""
+  p, x, r = params(2, "skewed"), tokens(), probe()
+  (_, (y_free, _)), g_free = linen_grads(MoE(E, F), p, x, r)
+  assert expert_capacity(float("inf"), 12, 2, E) == 12
+  assert expert_capacity(1e12, 12, 2, E) == 12
+  for kw in (dict(capacity_factor=float("inf")), dict(capacity_factor=1e12),
+             dict(capacity_factor=np.float32(E / 2)), dict(top_k=np.int64(2))):
+    (_, (y, inter)), g = linen_grads(MoE(E, F, **kw), p, x, r)
+    assert inter.get("dropped_fraction", [0.0])[0] == 0.0, kw
+    np.testing.assert_allclose(y, y_free, **TOL)
+    assert_close(g, g_free)
+  for bad in (float("nan"), True):
+    with pytest.raises(ValueError, match="capacity_factor"):
+      MoE(E, F, capacity_factor=bad).apply({"params": p}, x, mutable=["intermediates"])

@@ -195,3 +195,46 @@ def test_bad_configurations_raise_naming_the_fix():
   with jax.set_mesh(mesh):
     jax.eval_shape(MoE(num_experts=6, d_ff=F, top_k=K, expert_axis=None).init,
                    jax.random.key(0), x)
+
+
+def test_pallas_gpu_grouped_matmul_under_expert_parallelism():
+  """grouped_matmul='pallas_gpu' (interpret mode here) in the expert-parallel shard_map:
+  outputs, aux loss and gradients equal the single-device 'ragged_dot' layer's."""
+  _, params = model_and_params(None)
+  model = MoE(num_experts=E, d_ff=F, top_k=K, grouped_matmul="pallas_gpu", block_size=16)
+  x, _, mask = inputs()
+  mesh = make_mesh(MeshConfig(data=2, expert=4, axis_types="auto"))
+  with jax.set_mesh(mesh):
+    got = jax.device_get(loss_fn(model)(*place(mesh, params, x, mask)))
+  assert_close(got, reference(None))
+
+
+@pytest.mark.parametrize("names", [("data", "ep"), ("data", "tensor")])
+def test_expert_axis_outside_the_batch_axes(names):
+  """An expert axis that is not one of mpxla's batch axes also splits the tokens (each peer
+  sends its own): equal to one device."""
+  _, params = model_and_params(None)
+  model = MoE(num_experts=E, d_ff=F, top_k=K, expert_axis=names[1])
+  x, _, mask = inputs()
+  mesh = jax.make_mesh((2, 4), names, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    args = (jax.tree.map(lambda a: jax.device_put(
+        a, NamedSharding(mesh, P(names[1]) if a.shape[0] == E else P())), params),
+            jax.device_put(x, NamedSharding(mesh, P(names))),
+            jax.device_put(mask, NamedSharding(mesh, P(names))))
+    compiled = loss_fn(model).lower(*args).compile()
+    assert "all-to-all" in compiled.as_text()
+    got = jax.device_get(compiled(*args))
+  assert_close(got, reference(None))
+
+
+def test_pallas_gpu_inside_a_checked_shard_map_raises_naming_the_fix():
+  _, params = model_and_params(None)
+  x, _, _ = inputs()
+  model = MoE(num_experts=E, d_ff=F, top_k=K, grouped_matmul="pallas_gpu", block_size=16,
+              expert_axis=None, axis_name=("data",))
+  body = lambda p, x_: model.apply({"params": p}, x_, mutable=["intermediates"])[0]  # noqa: E731
+  mesh = make_mesh(MeshConfig(data=8))
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="pallas_gpu.*check_vma=False"):
+    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")),
+                          out_specs=P("data"))).lower(params, x)

@@ -271,3 +271,29 @@ def test_bad_input_errors():
   uniform = jnp.full((B, T, E), 1 / E)
   rr = jnp.arange(B * T * K).reshape(B, T, K) % E
   np.testing.assert_allclose(pmoe.load_balancing_loss(uniform, rr, E), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["global", "sequence", "micro_batch"])
+def test_nonfinite_probabilities_of_padding_do_not_reach_the_loss(scope):
+  """A padding token whose router probabilities are NaN or inf adds nothing (not NaN * 0)."""
+  logits, mask = inputs()
+  probs, idx = route(jnp.asarray(logits))
+  bad = jnp.where(jnp.asarray(mask)[..., None], probs, jnp.nan).at[9, 0, 0].set(jnp.inf)
+  kw = dict(num_micro_batches=4) if scope == "micro_batch" else {}
+  want = pmoe.load_balancing_loss(probs, idx, E, scope, mask=mask, **kw)
+  got = pmoe.load_balancing_loss(bad, idx, E, scope, mask=mask, **kw)
+  assert np.isfinite(want) and float(got) == float(want)
+
+
+def test_global_loss_of_a_sequence_sharded_input_on_an_explicit_mesh():
+  """Tokens split along the sequence axis (Explicit 'data'): counts sum over every token axis
+  without regrouping the sharded one."""
+  logits, mask = inputs()
+  probs, idx = route(jnp.asarray(logits))
+  want = pmoe.load_balancing_loss(probs, idx, E, "global", mask=mask)
+  mesh = make_mesh(MeshConfig(data=8, axis_types="explicit"))
+  with jax.set_mesh(mesh):
+    sp, si, sm = (jax.device_put(a, NamedSharding(mesh, P(None, "data")))
+                  for a in (probs, idx, jnp.asarray(mask)))
+    got = jax.jit(lambda p, i, m: pmoe.load_balancing_loss(p, i, E, "global", mask=m))(sp, si, sm)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
