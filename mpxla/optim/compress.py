@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from mpxla.formats import _bits, _random, get_format
 from mpxla.optim import expansion as expansion_lib
@@ -174,11 +175,26 @@ class CompressedArray:
     )
 
 
+_ARRAY_FIELDS = ("codes", "k16", "amax", "step")
 jax.tree_util.register_dataclass(
     CompressedArray,
-    data_fields=["codes", "k16", "amax", "step"],
+    data_fields=list(_ARRAY_FIELDS),
     meta_fields=["shape", "dtype", "fmt", "group_size", "expansion"],
 )
+
+
+def _to_state_dict(c: CompressedArray) -> dict[str, Any]:
+  return {k: getattr(c, k) for k in _ARRAY_FIELDS if getattr(c, k) is not None}
+
+
+def _from_state_dict(target: CompressedArray, state: dict[str, Any]) -> CompressedArray:
+  fields = [k for k in _ARRAY_FIELDS if getattr(target, k) is not None]
+  return dataclasses.replace(target, **{
+      k: serialization.from_state_dict(getattr(target, k), state[k]) for k in fields})
+
+
+# flax.serialization (to_bytes / from_bytes): the arrays; the static fields come from the target.
+serialization.register_serialization_state(CompressedArray, _to_state_dict, _from_state_dict)
 
 
 def is_compressed(x: Any) -> bool:
@@ -362,17 +378,32 @@ def encode_leaf(
   )
 
 
+@jax.custom_jvp
+def _not_differentiable(amax: jax.Array) -> jax.Array:
+  return amax
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(primals, tangents):
+  raise ValueError(
+      "differentiating through FP8-compressed optimizer states is not supported: the codes "
+      "are integers, so the derivative would flow only through each group's amax (wrong, "
+      "not approximate). Differentiate the update w.r.t. its gradients and parameters with "
+      "the state held fixed, or keep these states uncompressed.")
+
+
 def decode_leaf(c: CompressedArray, dtype: Any = None) -> jax.Array:
   """The decoded array, in `dtype` (default: the original dtype).
 
   Leading axes are read from the codes, so states batched by jax.vmap decode too.
+  Differentiating the result w.r.t. the state raises a ValueError (see `_not_differentiable`).
   """
   lead, n_pad = c.codes.shape[:-1], c.codes.shape[-1]
   g = c.group_size
   enc = expansion_lib.Encoded(
       codes=c.codes.reshape(*lead, n_pad // g, g),
       k16=None if c.k16 is None else c.k16[..., None],
-      amax=c.amax[..., None],
+      amax=_not_differentiable(c.amax)[..., None],
   )
   x = expansion_lib.decode(enc, c.fmt, jnp.float32).reshape(*lead, n_pad)[..., : c.shape[-1]]
   return x.astype(c.dtype if dtype is None else dtype)
@@ -554,7 +585,9 @@ def compress_states(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return compress(inner.init(params), base, overrides=overrides)
+    from flax import nnx  # nnx.Optimizer passes Variables: their values are the parameters
+
+    return compress(inner.init(nnx.as_pure(params)), base, overrides=overrides)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is not None:

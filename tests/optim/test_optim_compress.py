@@ -382,3 +382,26 @@ def test_update_temp_memory_below_largest_leaf_moments():
   temp, largest_moments, all_moments = map(int, out.stdout.split()[-3:])
   assert temp < largest_moments, (temp, largest_moments)
   assert temp < all_moments / 4
+
+
+def test_derivatives_through_the_state_raise_and_through_one_update_are_exact():
+  """d(update)/d(gradient) with the state fixed equals plain Optax's (compressed momentum
+  decodes the same in both); d(second update)/d(first gradient) would flow through the codes
+  (integers) and raises instead of returning a wrong derivative."""
+  params = {"w": jnp.zeros((8, 256))}
+  g0 = jax.random.normal(jax.random.key(1), (8, 256))
+  fp8 = mo.compress_states(optax.sgd(1.0, momentum=0.9), min_size=0)
+  state = fp8.init(params)
+  _, state = fp8.update({"w": g0}, state, params)
+  plain_state = (optax.TraceState(trace=mo.decompress(state)[0].trace), optax.EmptyState())
+  one = lambda opt, st: jax.grad(  # noqa: E731
+      lambda g: jnp.sum(jnp.sin(opt.update({"w": g}, st, params)[0]["w"])))(g0)
+  np.testing.assert_allclose(one(fp8, state), one(optax.sgd(1.0, momentum=0.9), plain_state),
+                             rtol=1e-6)
+
+  def two(g):
+    st = fp8.update({"w": g}, fp8.init(params), params)[1]
+    return jnp.sum(fp8.update({"w": jnp.ones_like(g)}, st, params)[0]["w"])
+
+  with pytest.raises(ValueError, match="differentiating through FP8-compressed"):
+    jax.grad(two)(g0)
