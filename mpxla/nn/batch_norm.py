@@ -18,9 +18,11 @@ examples along axis 0 (the batch) that the scope picks:
                         one psum of [groups, features]).
 
 Running averages (collection 'batch_stats', names 'mean' and 'var' as in Flax) move by
-the average over groups of the group statistics (pmean-ed over `axis_name` inside
+the average over groups of the group statistics (over every device's groups inside
 `shard_map`), so they are identical on every device:
     ra <- momentum * ra + (1 - momentum) * mean_over_groups(stat)
+With a mask the average weights each group by its unmasked fraction (a fully padded group
+counts for nothing; a step with everything masked leaves ra unchanged).
 Statistics are float32 whatever the input dtype. `mask` (broadcastable to x; False = a
 padded example) removes entries from the statistics. The batch axis is axis 0 and must
 not be a feature axis.
@@ -64,7 +66,8 @@ def batch_statistics(
     mask: jax.Array | None = None,
     fast_variance: bool = False,
 ) -> tuple[jax.Array, jax.Array, stats.GroupPlan]:
-  """Group statistics for BatchNorm: (mean, var) float32 [groups, *features] and the plan."""
+  """Group statistics for BatchNorm: (mean, var) float32 [groups, *features], the plan and
+  each group's unmasked fraction [groups, *features] (None without a mask)."""
   if scope == "global" and ghost_batch_size is None:
     stats.check_global(x, axis_name, "BatchNorm(stat_scope='global')")
   if scope == "local" and axis_name is None and not varying_axes(x):
@@ -78,15 +81,24 @@ def batch_statistics(
         x.shape[0], scope=scope, ghost_batch_size=ghost_batch_size, axis_name=axis_name)
   mean, var = stats.grouped_mean_and_var(
       x, plan, feature_axes, where=mask, fast_variance=fast_variance)
-  return mean, var, plan
+  share = None
+  if mask is not None:  # each group's unmasked share: the weight of its statistics
+    w = jnp.broadcast_to(jnp.asarray(mask), x.shape).astype(jnp.float32)
+    share = stats.grouped_mean_and_var(w, plan, feature_axes)[0]
+  return mean, var, plan, share
 
 
-def running_update(stat_GxF: jax.Array, plan: stats.GroupPlan) -> jax.Array:
-  """The statistic the running average moves by: mean over groups, same on every device."""
-  s = jnp.mean(stat_GxF, axis=0)
+def update_running(ra_F: jax.Array, stats_GxF, plan: stats.GroupPlan, share_GxF, momentum):
+  """momentum * ra + (1 - momentum) * the groups' statistics averaged with weights `share`
+  (their unmasked fraction; equal without a mask), the same on every device; ra unchanged
+  where every group is fully masked."""
+  stat_GxF = jax.lax.stop_gradient(stats_GxF)
+  w_GxF = jnp.ones_like(stat_GxF) if share_GxF is None else jax.lax.stop_gradient(share_GxF)
+  num, den = jnp.sum(w_GxF * stat_GxF, axis=0), jnp.sum(w_GxF, axis=0)
   if plan.manual and plan.span < plan.manual_size:
-    s = jax.lax.pmean(s, plan.manual)
-  return s
+    num, den = jax.lax.psum((num, den), plan.manual)
+  new = momentum * ra_F + (1 - momentum) * (num / jnp.where(den > 0, den, 1.0))
+  return jnp.where(den > 0, new, ra_F)
 
 
 def normalize(
@@ -172,15 +184,12 @@ class BatchNorm(nn.Module):
     if use_ra:
       mean, var = ra_mean.value[None], ra_var.value[None]
     else:
-      mean, var, plan = batch_statistics(
+      mean, var, plan, share = batch_statistics(
           x, faxes, scope=self.stat_scope, ghost_batch_size=self.ghost_batch_size,
           axis_name=self.axis_name, mask=mask, fast_variance=self.fast_variance)
       if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * running_update(
-            jax.lax.stop_gradient(mean), plan)
-        ra_var.value = m * ra_var.value + (1 - m) * running_update(
-            jax.lax.stop_gradient(var), plan)
+        ra_mean.value = update_running(ra_mean.value, mean, plan, share, self.momentum)
+        ra_var.value = update_running(ra_var.value, var, plan, share, self.momentum)
     return normalize(x, mean, var, scale, bias, faxes, self.epsilon,
                      _out_dtype(x, self.dtype, self.param_dtype))
 
@@ -247,14 +256,11 @@ class NNXBatchNorm(nnx.Module):
     if use_ra:
       mean, var = self.mean[...][None], self.var[...][None]
     else:
-      mean, var, plan = batch_statistics(
+      mean, var, plan, share = batch_statistics(
           x, faxes, scope=self.stat_scope, ghost_batch_size=self.ghost_batch_size,
           axis_name=self.axis_name, mask=mask, fast_variance=self.fast_variance)
-      m = self.momentum
-      self.mean[...] = m * self.mean[...] + (1 - m) * running_update(
-          jax.lax.stop_gradient(mean), plan)
-      self.var[...] = m * self.var[...] + (1 - m) * running_update(
-          jax.lax.stop_gradient(var), plan)
+      self.mean[...] = update_running(self.mean[...], mean, plan, share, self.momentum)
+      self.var[...] = update_running(self.var[...], var, plan, share, self.momentum)
     return normalize(x, mean, var, scale, bias, faxes, self.epsilon,
                      _out_dtype(x, self.dtype, self.param_dtype))
 

@@ -167,6 +167,21 @@ def _mask(x: jax.Array, where: jax.Array | None) -> jax.Array | None:
     ) from None
 
 
+def _check_batch_axis(axes, view: BatchView, axis_name, what: str) -> None:
+  """Inside shard_map the devices hold different rows: a reduction that keeps axis 0 has
+  nothing to combine across them."""
+  if view.manual and 0 not in axes:
+    raise ValueError(
+        f"{what}: axis={axes} leaves out the batch axis 0, but axis_name={axis_name!r} "
+        "combines the devices' batch shards inside shard_map (each holds other rows): "
+        "include axis 0, or pass axis_name=() to reduce each device's rows on their own.")
+
+
+def _weighted(xf, w):
+  """xf * w with masked-out entries exactly 0 (NaN or inf there does not reach the sums)."""
+  return xf if w is None else jnp.where(w != 0, xf, 0.0) * w
+
+
 def _count(x, axes, w, view: BatchView):
   """Number of (unmasked) elements reduced per output entry, float32."""
   if w is None:
@@ -180,9 +195,10 @@ def global_sum(
   """Sum over `axis` of the global batch (float32), masked by `where`."""
   check_global(x, axis_name, "global_sum")
   axes = normalize_axes(x.ndim, axis)
+  _check_batch_axis(axes, batch_view(axis_name), axis_name, "global_sum")
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
-  return psum(jnp.sum(xf if w is None else xf * w, axes), axis_name)
+  return psum(jnp.sum(_weighted(xf, w), axes), axis_name)
 
 
 def global_mean(
@@ -192,9 +208,10 @@ def global_mean(
   check_global(x, axis_name, "global_mean")
   axes = normalize_axes(x.ndim, axis)
   view = batch_view(axis_name)
+  _check_batch_axis(axes, view, axis_name, "global_mean")
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
-  s = jnp.sum(xf if w is None else xf * w, axes)
+  s = jnp.sum(_weighted(xf, w), axes)
   if w is None:
     s = jax.lax.psum(s, view.manual) if view.manual else s
     return s / _count(x, axes, None, view)
@@ -219,10 +236,12 @@ def global_mean_and_var(
   check_global(x, axis_name, "global_mean_and_var")
   axes = normalize_axes(x.ndim, axis)
   view = batch_view(axis_name)
+  _check_batch_axis(axes, view, axis_name, "global_mean_and_var")
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
   red = lambda v: jax.lax.psum(v, view.manual) if view.manual else v  # noqa: E731
   keep = lambda m: jnp.expand_dims(m, axes)  # noqa: E731
+  xf = xf if w is None else jnp.where(w != 0, xf, 0.0)  # NaN in padding: not summed
   wx = xf if w is None else xf * w
   if fast_variance:
     parts = [jnp.sum(wx, axes), jnp.sum(wx * xf, axes)]
@@ -401,6 +420,7 @@ def _grouped_mean_and_var(x, plan, feature_axes, where, fast_variance):
   xf = xg.astype(jnp.float32)
   keep = lambda m: jnp.expand_dims(m.reshape((plan.groups, *fshape)), axes)  # noqa: E731
   out = lambda m: m.reshape((plan.groups, *fshape))  # noqa: E731
+  xf = xf if wg is None else jnp.where(wg != 0, xf, 0.0)  # NaN in padding: not summed
   wx = xf if wg is None else xf * wg
   if wg is None:
     n = jnp.float32(math.prod(xg.shape[a] for a in axes) * plan.span)

@@ -292,3 +292,27 @@ def test_batch_norm_collectives_are_feature_sized(kw, expected):
       lambda v, x_: bn.apply(v, x_, use_running_average=False, mutable=["batch_stats"]),
       mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())))
   assert collective_sizes(f.lower(variables, x).compile().as_text()) == sorted(expected)
+
+
+def test_running_averages_weight_groups_by_their_unmasked_rows():
+  """Per-device ('local') and ghost groups: a fully padded group counts for nothing in the
+  running averages (they move by the statistics of the unmasked rows), and a step with every
+  row masked leaves them unchanged (float64 numpy reference)."""
+  mesh = make_mesh(MeshConfig(data=8, axis_types="auto"))
+  x = (np.random.default_rng(0).standard_normal((16, 4)) + 3).astype(np.float32)
+  keep = np.ones(16, bool)
+  keep[:2] = False  # device 0's rows
+  sharded = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+  for kw in (dict(stat_scope="local"), dict(ghost_batch_size=2)):
+    bn = BatchNorm(axis_name="data", momentum=0.0, **kw)
+    v = bn.init(jax.random.key(0), x, use_running_average=True)
+    step = jax.jit(lambda a, m, bn=bn, v=v: bn.apply(
+        v, a, use_running_average=False, mask=m[:, None], mutable=["batch_stats"])[1])
+    with jax.set_mesh(mesh):
+      got = step(sharded(x), sharded(keep))["batch_stats"]
+      unchanged = step(sharded(x), sharded(np.zeros(16, bool)))["batch_stats"]
+    valid = x[keep].astype(np.float64).reshape(7, 2, 4)  # 7 groups of 2 rows
+    np.testing.assert_allclose(got["mean"], valid.mean((0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(got["var"], valid.var(1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(unchanged["mean"], v["batch_stats"]["mean"])
+    np.testing.assert_allclose(unchanged["var"], v["batch_stats"]["var"])

@@ -234,3 +234,46 @@ def test_partially_manual_shard_map():
   np.testing.assert_allclose(var, ref_var, rtol=1e-6)
   np.testing.assert_allclose(lmean, np.float64(x).reshape(8, 4, 3, 8).mean((1, 2)), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_nonfinite_values_in_masked_entries_do_not_reach_the_statistics():
+  """NaN / inf where the mask is 0 (padding filled with anything): the statistics of the
+  unmasked entries, as float64 numpy gives them."""
+  from mpxla.parallel import metrics
+
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((16, 4)) + 3).astype(np.float32)
+  keep = np.arange(16) < 13
+  bad = x.copy()
+  bad[13:] = np.nan
+  bad[15, 0] = np.inf
+  want = x[keep].astype(np.float64)
+  mean, var = stats.global_mean_and_var(bad, axis=0, where=keep[:, None])
+  np.testing.assert_allclose(mean, want.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(var, want.var(0), rtol=1e-5)
+  fmean, fvar = stats.global_mean_and_var(bad, axis=0, where=keep[:, None], fast_variance=True)
+  np.testing.assert_allclose(fmean, want.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(fvar, want.var(0), rtol=1e-3)
+  np.testing.assert_allclose(stats.global_mean(bad, axis=0, where=keep[:, None]),
+                             want.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(stats.global_sum(bad, axis=0, where=keep[:, None]),
+                             want.sum(0), rtol=1e-6)
+  np.testing.assert_allclose(metrics.weighted_mean(bad, keep[:, None]), want.mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics.Average.from_values(bad, keep[:, None]).compute(),
+                             want.mean(), rtol=1e-6)
+
+
+def test_reducing_without_the_batch_axis_inside_shard_map_raises():
+  """Inside shard_map each device holds other rows: a mean over axis 1 with axis_name would
+  add rows of different devices; it raises, and axis_name=() is the per-device reduction."""
+  mesh = make_mesh(MeshConfig(data=8))
+  x = np.arange(64, dtype=np.float32).reshape(16, 4)
+  for fn in (stats.global_mean, stats.global_sum,
+             lambda a, **kw: stats.global_mean_and_var(a, **kw)[0]):
+    f = jax.shard_map(lambda a, fn=fn: fn(a, axis=1, axis_name="data"), mesh=mesh,
+                      in_specs=P("data"), out_specs=P("data"))
+    with pytest.raises(ValueError, match="leaves out the batch axis 0"):
+      jax.jit(f)(x)
+  ok = jax.shard_map(lambda a: stats.global_mean(a, axis=1, axis_name=()), mesh=mesh,
+                     in_specs=P("data"), out_specs=P("data"))
+  np.testing.assert_allclose(jax.jit(ok)(x), x.mean(1))
