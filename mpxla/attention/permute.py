@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpxla.attention import masks as M
-from mpxla.attention.api import attention
+from mpxla.attention.api import _check_mask, attention
 from mpxla.attention.block_mask import (
     BlockMask,
+    _check_block,
     _kv_ranges,
     classify,
     from_block_flags,
@@ -76,13 +77,14 @@ def permute_kv(q: jax.Array, k: jax.Array, v: jax.Array, mask: M.Mask | None = N
     raise ValueError(f"threshold must be in (0, 1], got {threshold}")
   if estimate not in ("pooled", "tokens"):
     raise ValueError(f"estimate must be 'pooled' or 'tokens', got {estimate!r}")
+  block_q, block_kv = _check_block("block_q", block_q), _check_block("block_kv", block_kv)
   if not isinstance(segment, (int, np.integer)) or segment <= 0 or segment % block_kv:
     raise ValueError(f"segment must be a positive multiple of block_kv={block_kv}, got {segment}")
   mask = M.Full() if mask is None else mask
   b, tq, h, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = h // hk
-  mask._check(tq, tk)
+  _check_mask(mask, b, tq, tk)
   scale = d ** -0.5 if scale is None else scale
   nq, nk = -(-tq // block_q), -(-tk // block_kv)
   q_pool = _pool(jax.lax.stop_gradient(q).astype(jnp.float32), block_q, nq)  # [B, nq, H, D]

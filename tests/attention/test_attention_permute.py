@@ -112,6 +112,17 @@ def test_bad_input(kwargs, match):
     A.permute_kv(q, q, q, A.causal(), block_q=16, block_kv=16, **kwargs)
 
 
+def test_bad_blocks_and_mask_batch_are_named():
+  q = jnp.zeros((2, 64, 2, 8))
+  for kw, match in ((dict(block_q=0), "block_q"), (dict(block_kv=0), "block_kv"),
+                    (dict(block_kv=-16), "block_kv"), (dict(block_q=-16), "block_q")):
+    with pytest.raises(ValueError, match=match):
+      A.permute_kv(q, q, q, A.causal(), segment=32, **{"block_q": 16, "block_kv": 16, **kw})
+  with pytest.raises(ValueError, match="mask data has batch 3 but q has batch 2"):
+    A.permute_kv(q, q, q, A.prefix_lm(jnp.array([1, 2, 3])), block_q=16, block_kv=16,
+                 segment=32)
+
+
 def test_selected_lists_match_numpy_blocks_of_to_dense():
   """The BlockMask's to_dense (the computed pattern) agrees with its lists, block by block."""
   b, t, h, hk, d = 1, 80, 2, 1, 8
