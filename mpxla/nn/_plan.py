@@ -77,7 +77,7 @@ class Session:
     self.plan = plan
     self.report: dict[str, str] = {}
     self.used_rules: set[int] = set()
-    self.delayed_calls: set[str] = set()
+    self.delayed_calls: list[tuple] = []  # (path, trace state): the states do not hash
 
   def resolve(self, path: str) -> Recipe | None:
     recipe, rule = self.plan.resolve(path)
@@ -95,11 +95,14 @@ class Session:
     self.report[path] = what
 
   def delayed_state_used(self, path: str) -> None:
-    if path in self.delayed_calls:
+    """Refuses a second call of the layer in one trace (a body that Flax traces twice, as
+    `nn.scan` does, is two traces)."""
+    trace = flow._trace_state()
+    if any(p == path and t == trace for p, t in self.delayed_calls):
       raise ValueError(
           f"layer {path!r} is called twice in one step with delayed scaling; its amax history "
           "would get two updates. Give it per-tensor 'tensor' scaling with a rule.")
-    self.delayed_calls.add(path)
+    self.delayed_calls.append((path, trace))
 
   def finish(self, model_name: str) -> None:
     if self.plan.quantizes and not any(v.startswith("fp8") for v in self.report.values()):

@@ -180,13 +180,14 @@ class _Spec:
 
 def _quantize_tensor(x, fmt, config: DotConfig, history=None):
   """(per-tensor QTensor of x, x's current amax). With an amax `history` (delayed scaling) the
-  scale comes from its max, or from the current amax while the history is all zero."""
+  scale comes from its max, or from the current amax while the history is all zero; a
+  non-finite current amax (inf or NaN in x) makes the scale NaN either way."""
   x = jax.lax.stop_gradient(x)
   current = quant.amax(x, "tensor", axis_name=config.axis_name)
   a = current
   if history is not None:
     past = quant.amax_from_history(history)
-    a = jnp.where(past > 0, past, current)
+    a = jnp.where(jnp.isfinite(current), jnp.where(past > 0, past, current), jnp.nan)
   return quant.quantize_with_amax(x, fmt, "tensor", a, margin=config.margin), current
 
 

@@ -58,7 +58,8 @@ def tensor_stats(x: jax.Array, codes: jax.Array, scale: jax.Array, fmt,
   fmt = formats.get_format(fmt)
   a = jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)
   n = jnp.maximum(jnp.float32(x.size), 1.0)
-  saturated = jnp.sum(a * (1.0 / scale) > fmt.max) / n
+  # Clipped: beyond the largest code by more than rounding (the amax element maps to it).
+  saturated = jnp.sum(a * (1.0 / scale) > fmt.max * (1 + 2.0 ** -20)) / n
   zero_code = formats.upcast(codes, fmt, jnp.float32) == 0
   underflow = jnp.sum((a > 0) & zero_code) / jnp.maximum(jnp.sum(a > 0), 1.0)
   ratio = jnp.float32(1.0) if history_amax is None else jnp.where(

@@ -53,6 +53,8 @@ def _first(d) -> jax.Array:
   """d's first element as a [1] array. Indexed, not flattened: on a sharded d the partitioner
   then moves one element (flattening first all-gathers the whole of d)."""
   d = jnp.asarray(d)
+  if d.size == 0:  # nothing to wait for
+    return jnp.zeros((1,), d.dtype)
   if not explicit_sharding(d):
     return d[(0,) * d.ndim].reshape(1)
   with input_mesh(d):
