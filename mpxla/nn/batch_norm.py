@@ -65,7 +65,7 @@ def batch_statistics(
     axis_name: AxisName = None,
     mask: jax.Array | None = None,
     fast_variance: bool = False,
-) -> tuple[jax.Array, jax.Array, stats.GroupPlan]:
+) -> tuple[jax.Array, jax.Array, stats.GroupPlan, jax.Array | None]:
   """Group statistics for BatchNorm: (mean, var) float32 [groups, *features], the plan and
   each group's unmasked fraction [groups, *features] (None without a mask)."""
   if scope == "global" and ghost_batch_size is None:
