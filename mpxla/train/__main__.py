@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     _simulate_devices_for_aot(config)
   try:
     return _main(args, config)
+  except config_lib.ConfigError as e:  # found when the trainer meets the mesh
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except Exception as e:
     message = filesystem_error(e, args.workdir)
     if message is None:

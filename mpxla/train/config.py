@@ -99,6 +99,17 @@ RANGES = {
     "optim.decay_steps": (1, "steps of the cosine decay; None follows total_steps"),
 }
 POSITIVE_FLOATS = ("optim.lr",)
+# key: (lowest, highest, whether the highest is allowed, what it means) for real numbers.
+FLOAT_RANGES = {
+    "seed": (0, 2**32 - 1, True, "the seed (data order, initialization, rounding bits)"),
+    "optim.grad_clip": (0.0, math.inf, False, "the global-norm clip (0 or None: off)"),
+    "optim.weight_decay": (0.0, math.inf, False, "the decoupled weight decay"),
+    "optim.final_lr_fraction": (0.0, math.inf, False, "the final learning rate / lr"),
+    "optim.b1": (0.0, 1.0, False, "Adam's first-moment decay"),
+    "optim.b2": (0.0, 1.0, False, "Adam's second-moment decay"),
+    "optim.eps": (0.0, math.inf, False, "Adam's epsilon"),
+    "data.val_percent": (1, 99, True, "the percent of documents held out for validation"),
+}
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -123,6 +134,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if key in flat and (isinstance(value, bool) or not isinstance(value, (int, float))
                         or not math.isfinite(value) or value <= 0):
       raise ConfigError(f"--config.{key}={value!r}: must be a finite number > 0.")
+  for key, (low, high, closed, what) in FLOAT_RANGES.items():
+    value = flat.get(key)
+    if key not in flat or (value is None and key == "optim.grad_clip"):
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        low <= value and (value <= high if closed else value < high)):
+      interval = f"[{low}, {high}{']' if closed else ')'}"
+      raise ConfigError(f"--config.{key}={value!r}: {what} must be in {interval}.")
   return config
 
 

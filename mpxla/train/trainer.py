@@ -67,6 +67,12 @@ class Trainer:
     self.task.model = recipes.wrap_model(self.task.model, config.recipe, gather_weight=fsdp_only)
     self.tx = recipes.make_optimizer(config)
     self.batch_size = config.data.batch_size
+    shards = math.prod(self.mesh.shape[a] for a in parallel.batch_axes(self.mesh))
+    if self.batch_size % shards:
+      raise config_lib.ConfigError(
+          f"--config.data.batch_size={self.batch_size}: the global batch must split evenly "
+          f"over the mesh's batch axes {parallel.batch_axes(self.mesh)} ({shards} devices); "
+          f"use a multiple of {shards}.")
     self._batch_sharding = NamedSharding(self.mesh, P(parallel.batch_axes(self.mesh)))
     self._compiled = None
 

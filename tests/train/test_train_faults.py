@@ -254,6 +254,28 @@ def test_out_of_range_config_is_refused(key, value, match):
     config_lib.resolve(c)
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("optim.grad_clip", "-1.0", "optim.grad_clip=-1.0: the global-norm clip"),  # trained uphill
+    ("optim.weight_decay", "-0.1", "optim.weight_decay=-0.1"),
+    ("optim.b1", "1.0", r"optim.b1=1.0: Adam's first-moment decay must be in \[0.0, 1.0\)"),
+    ("optim.b2", "-0.5", "optim.b2=-0.5"), ("optim.final_lr_fraction", "-1.0", "final_lr"),
+    ("seed", "-1", "seed=-1"),
+    ("data.val_percent", "0", "data.val_percent=0: the percent of documents held out")])
+def test_out_of_range_real_numbers_are_refused(key, value, match):
+  c = config_lib.load("configs/gpt_tiny.py")
+  config_lib.override(c, key, value)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.resolve(c)
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_by_name(tiny_config):
+  """6 sequences on 2 batch devices x ... (8 here): a ConfigError naming data.batch_size, not
+  JAX's IndivisibleError while the step compiles."""
+  c = tiny_config(**{**DENSE, "mesh.data": "-1", "data.batch_size": "6"})
+  with pytest.raises(config_lib.ConfigError, match="data.batch_size=6.*multiple of 8"):
+    Trainer(c, "/nonexistent")
+
+
 def test_cli_refuses_a_bad_config_before_writing(tmp_path):
   r = subprocess.run([sys.executable, "-m", "mpxla.train", "--config=configs/gpt_tiny.py",
                       f"--workdir={tmp_path / 'w'}", "--config.total_steps=-5"],
