@@ -66,6 +66,13 @@ def _drop_orbax_errors(record: logging.LogRecord) -> bool:
   return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+def _drop_unretrieved_checkpoint_writes(record: logging.LogRecord) -> bool:
+  """Drops asyncio's 'exception was never retrieved' for a failed checkpoint write (it comes
+  when the event loop is collected, and the failure is reported on its own)."""
+  text = record.getMessage()
+  return not ("never retrieved" in text and "OCDBT" in text)
+
+
 def _quiet_closed_loops(unraisable) -> None:
   """Drops 'Event loop is closed' from TensorStore callbacks that finish after Orbax closed
   their event loop (after a failed read or write, which is reported on its own)."""
@@ -114,6 +121,7 @@ def _main(args, config) -> int:
   # Orbax logs failures of its background save threads (and of reads) as errors with a
   # traceback; each of them also reaches the trainer as an exception, reported in one line.
   logging.getLogger("absl").addFilter(_drop_orbax_errors)
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_checkpoint_writes)
   sys.unraisablehook = _quiet_closed_loops
   import jax
 
