@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpxla.parallel.stats import AxisName, axis_names, batch_view, check_global
+from mpxla.parallel.stats import AxisName, axis_names, batch_view, check_global, weighted
 from mpxla.quant.sharding import varying_axes
 
 
@@ -35,7 +35,7 @@ def weighted_mean(
   v = jnp.asarray(values, jnp.float32)
   w = jnp.ones_like(v) if weights is None else jnp.broadcast_to(
       jnp.asarray(weights, jnp.float32), v.shape)
-  sw = jnp.stack([jnp.sum(jnp.where(w != 0, v, 0.0) * w), jnp.sum(w)])  # NaN in padding: 0
+  sw = jnp.stack([jnp.sum(weighted(v, w)), jnp.sum(w)])
   manual = batch_view(axis_name).manual
   if manual:
     sw = jax.lax.psum(sw, manual)
@@ -89,7 +89,7 @@ class Average:
     v = jnp.asarray(values, jnp.float32)
     w = jnp.ones_like(v) if weights is None else jnp.broadcast_to(
         jnp.asarray(weights, jnp.float32), v.shape)
-    return cls(jnp.sum(jnp.where(w != 0, v, 0.0) * w), jnp.sum(w))
+    return cls(jnp.sum(weighted(v, w)), jnp.sum(w))
 
   def merge(self, other: Average) -> Average:
     return Average(self.total + other.total, self.weight + other.weight)

@@ -177,7 +177,7 @@ def _check_batch_axis(axes, view: BatchView, axis_name, what: str) -> None:
         "include axis 0, or pass axis_name=() to reduce each device's rows on their own.")
 
 
-def _weighted(xf, w):
+def weighted(xf, w):
   """xf * w with masked-out entries exactly 0 (NaN or inf there does not reach the sums)."""
   return xf if w is None else jnp.where(w != 0, xf, 0.0) * w
 
@@ -198,7 +198,7 @@ def global_sum(
   _check_batch_axis(axes, batch_view(axis_name), axis_name, "global_sum")
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
-  return psum(jnp.sum(_weighted(xf, w), axes), axis_name)
+  return psum(jnp.sum(weighted(xf, w), axes), axis_name)
 
 
 def global_mean(
@@ -211,7 +211,7 @@ def global_mean(
   _check_batch_axis(axes, view, axis_name, "global_mean")
   w = _mask(x, where)
   xf = x.astype(jnp.float32)
-  s = jnp.sum(_weighted(xf, w), axes)
+  s = jnp.sum(weighted(xf, w), axes)
   if w is None:
     s = jax.lax.psum(s, view.manual) if view.manual else s
     return s / _count(x, axes, None, view)
@@ -242,7 +242,7 @@ def global_mean_and_var(
   red = lambda v: jax.lax.psum(v, view.manual) if view.manual else v  # noqa: E731
   keep = lambda m: jnp.expand_dims(m, axes)  # noqa: E731
   xf = xf if w is None else jnp.where(w != 0, xf, 0.0)  # NaN in padding: not summed
-  wx = xf if w is None else xf * w
+  wx = weighted(xf, w)
   if fast_variance:
     parts = [jnp.sum(wx, axes), jnp.sum(wx * xf, axes)]
     if w is not None:
